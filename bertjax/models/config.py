@@ -1,0 +1,116 @@
+"""The model's frozen configuration, built once from a Hugging Face `config.json`."""
+
+import dataclasses
+from typing import Any
+
+from bertjax.errors import UserError
+
+FAMILIES = ("bert", "roberta", "electra", "albert")
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "quick_gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Everything the Flax modules need; the per-family differences live here, not in code copies."""
+
+  family: str
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  hidden_act: str = "gelu"
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  embedding_size: int = 0  # 0 = hidden_size
+  project_embeddings: bool = False  # ELECTRA when embedding_size != hidden_size; always for ALBERT
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  classifier_dropout: float = 0.1
+  position_offset: int = 0  # RoBERTa numbers positions from pad_token_id + 1
+  num_param_layers: int = 0  # distinct layer parameter sets (ALBERT shares them); 0 = num_layers
+  inner_group_num: int = 1  # ALBERT: layers run per shared group
+  head: str = "pooler"  # pooler (BERT/ALBERT) | dense_tanh (RoBERTa) | dense_gelu (ELECTRA)
+  num_labels: int = 2
+  pad_token_id: int = 0
+  initializer_range: float = 0.02
+  dtype: str = "float32"  # computation dtype; parameters stay float32
+
+  @property
+  def emb_size(self) -> int:
+    return self.embedding_size or self.hidden_size
+
+  @property
+  def param_layers(self) -> int:
+    return self.num_param_layers or self.num_layers
+
+  def layer_schedule(self) -> list[int]:
+    """Which parameter set each applied layer uses (ALBERT maps many layers onto few groups)."""
+    groups = self.param_layers // self.inner_group_num
+    order = []
+    for i in range(self.num_layers):
+      g = int(i / (self.num_layers / groups))
+      order.extend(g * self.inner_group_num + j for j in range(self.inner_group_num))
+    return order
+
+  def replace(self, **kwargs) -> "EncoderConfig":
+    return dataclasses.replace(self, **kwargs)
+
+
+def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> EncoderConfig:
+  """Translates a Hugging Face config dict (bert/roberta/electra/albert) into an EncoderConfig."""
+  family = hf.get("model_type")
+  if family not in FAMILIES:
+    raise UserError(f"{source}: unsupported model_type {family!r}; bertjax supports {', '.join(FAMILIES)}")
+  act = hf.get("hidden_act", "gelu")
+  if act not in ACTIVATIONS:
+    raise UserError(f"{source}: unsupported hidden_act {act!r}; supported: {', '.join(ACTIVATIONS)}")
+  pos_type = hf.get("position_embedding_type", "absolute")
+  if pos_type != "absolute":
+    raise UserError(f"{source}: position_embedding_type {pos_type!r} is not supported (only 'absolute')")
+  try:
+    hidden = int(hf["hidden_size"])
+    num_layers = int(hf["num_hidden_layers"])
+    common = dict(
+        family=family,
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=int(hf["num_attention_heads"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        hidden_act=act,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 512)),
+        type_vocab_size=int(hf.get("type_vocab_size", 2)),
+        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        hidden_dropout=float(hf.get("hidden_dropout_prob", 0.1)),
+        attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
+        pad_token_id=int(hf.get("pad_token_id") or 0),
+        initializer_range=float(hf.get("initializer_range", 0.02)),
+        num_labels=num_labels_of(hf),
+    )
+  except KeyError as e:
+    raise UserError(f"{source}: missing key {e.args[0]!r} for model_type {family!r}") from None
+  clf_dropout = hf.get("classifier_dropout")
+  common["classifier_dropout"] = float(common["hidden_dropout"] if clf_dropout is None else clf_dropout)
+  if family == "bert":
+    return EncoderConfig(**common, head="pooler")
+  if family == "roberta":
+    return EncoderConfig(**common, head="dense_tanh", position_offset=common["pad_token_id"] + 1)
+  if family == "electra":
+    emb = int(hf.get("embedding_size", hidden))
+    return EncoderConfig(**common, head="dense_gelu", embedding_size=emb, project_embeddings=emb != hidden)
+  # albert
+  groups = int(hf.get("num_hidden_groups", 1))
+  inner = int(hf.get("inner_group_num", 1))
+  if num_layers % groups:
+    raise UserError(f"{source}: num_hidden_layers={num_layers} is not a multiple of num_hidden_groups={groups}")
+  common["classifier_dropout"] = float(hf.get("classifier_dropout_prob", 0.1))
+  return EncoderConfig(**common, head="pooler", embedding_size=int(hf.get("embedding_size", 128)),
+                       project_embeddings=True, num_param_layers=groups * inner, inner_group_num=inner)
+
+
+def num_labels_of(hf: dict[str, Any]) -> int:
+  if "id2label" in hf:
+    return len(hf["id2label"])
+  return int(hf.get("num_labels", 2))

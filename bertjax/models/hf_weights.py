@@ -1,0 +1,270 @@
+"""Hugging Face checkpoints <-> bertjax params: every tensor mapped by name, both ways.
+
+A Hugging Face folder holds `config.json` and `model.safetensors` (or a sharded index, or
+`pytorch_model.bin` when torch is installed). Linear weights are stored [out, in] there and
+[in, out] here; LayerNorm weight/bias become scale/bias.
+"""
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from bertjax.errors import UserError
+from bertjax.models.config import EncoderConfig, from_hf_config
+from bertjax.models.heads import SequenceClassifier
+
+# Pretraining heads and buffers a fine-tuning checkpoint may carry; dropped with a one-line note.
+_IGNORABLE = re.compile(
+    r"^(cls\.|lm_head\.|predictions\.|sop_classifier\.|discriminator_predictions\.|generator_|"
+    r"(bert|roberta|electra|albert)?\.?embeddings\.(position_ids|token_type_ids)$)")
+# RoBERTa and ELECTRA checkpoints may include a BERT-style pooler their classification head never uses.
+_UNUSED_POOLER = re.compile(r"^(roberta|electra)\.pooler\.")
+_HF_CLASSES = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra", "albert": "Albert"}
+
+
+@dataclasses.dataclass
+class Loaded:
+  cfg: EncoderConfig
+  params: dict
+  hf_config: dict  # the checkpoint's config.json, kept to write an export back
+  folder: Path
+  fresh_head: bool
+  notes: list[str]
+
+
+def _modules(cfg: EncoderConfig) -> list[tuple[str, tuple[str, ...], str]]:
+  """(Hugging Face module name, our param path, kind) for every module of the model."""
+  p = cfg.family + "."
+  emb = ("encoder", "embeddings")
+  mods = [(p + "embeddings.word_embeddings", emb + ("word",), "embed"),
+          (p + "embeddings.position_embeddings", emb + ("position",), "embed"),
+          (p + "embeddings.token_type_embeddings", emb + ("token_type",), "embed"),
+          (p + "embeddings.LayerNorm", emb + ("norm",), "norm")]
+  if cfg.family == "albert":
+    mods.append((p + "encoder.embedding_hidden_mapping_in", emb + ("project",), "dense"))
+    per_layer = {"attention.query": ("attention", "query"), "attention.key": ("attention", "key"),
+                 "attention.value": ("attention", "value"), "attention.dense": ("attention", "out"),
+                 "attention.LayerNorm": ("attention_norm",), "ffn": ("mlp_in",), "ffn_output": ("mlp_out",),
+                 "full_layer_layer_norm": ("mlp_norm",)}
+    for k in range(cfg.param_layers):
+      g, j = divmod(k, cfg.inner_group_num)
+      for hf, ours in per_layer.items():
+        kind = "norm" if "orm" in hf else "dense"
+        mods.append((f"{p}encoder.albert_layer_groups.{g}.albert_layers.{j}.{hf}", ("encoder", f"layer_{k}") + ours,
+                     kind))
+  else:
+    if cfg.project_embeddings:
+      mods.append((p + "embeddings_project", emb + ("project",), "dense"))
+    per_layer = {"attention.self.query": ("attention", "query"), "attention.self.key": ("attention", "key"),
+                 "attention.self.value": ("attention", "value"), "attention.output.dense": ("attention", "out"),
+                 "attention.output.LayerNorm": ("attention_norm",), "intermediate.dense": ("mlp_in",),
+                 "output.dense": ("mlp_out",), "output.LayerNorm": ("mlp_norm",)}
+    for k in range(cfg.param_layers):
+      for hf, ours in per_layer.items():
+        kind = "norm" if "LayerNorm" in hf else "dense"
+        mods.append((f"{p}encoder.layer.{k}.{hf}", ("encoder", f"layer_{k}") + ours, kind))
+  if cfg.head == "pooler":
+    pooler = p + ("pooler" if cfg.family == "albert" else "pooler.dense")
+    mods += [(pooler, ("head", "pooler"), "dense"), ("classifier", ("head", "out"), "dense")]
+  else:
+    mods += [("classifier.dense", ("head", "dense"), "dense"), ("classifier.out_proj", ("head", "out"), "dense")]
+  return mods
+
+
+def tensor_map(cfg: EncoderConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
+  """Hugging Face tensor name -> (our leaf path, transpose?)."""
+  leaves = {"embed": [("weight", "embedding", False)],
+            "norm": [("weight", "scale", False), ("bias", "bias", False)],
+            "dense": [("weight", "kernel", True), ("bias", "bias", False)]}
+  out = {}
+  for hf, path, kind in _modules(cfg):
+    for hf_leaf, leaf, transpose in leaves[kind]:
+      out[f"{hf}.{hf_leaf}"] = (path + (leaf,), transpose)
+  return out
+
+
+def _canonical(name: str, family: str, known: dict) -> str:
+  """Old and prefix-less spellings (LayerNorm.gamma/beta, a base model saved without its prefix)."""
+  name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
+  if name not in known and f"{family}.{name}" in known:
+    return f"{family}.{name}"
+  return name
+
+
+def read_tensors(folder: Path) -> tuple[dict[str, np.ndarray], str]:
+  """All tensors of a checkpoint folder as numpy arrays, and the file they came from."""
+  single, index, torch_bin = folder / "model.safetensors", folder / "model.safetensors.index.json", \
+      folder / "pytorch_model.bin"
+  if single.exists():
+    return _safetensors_as_np(single), str(single)
+  if index.exists():
+    tensors = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+      tensors.update(_safetensors_as_np(folder / shard))
+    return tensors, str(index)
+  if torch_bin.exists():
+    try:
+      import torch
+    except ImportError:
+      raise UserError(f"{torch_bin}: reading pytorch_model.bin needs torch (pip install torch), "
+                      "or convert the checkpoint to model.safetensors") from None
+    state = torch.load(torch_bin, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}, str(torch_bin)
+  raise UserError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _safetensors_as_np(path: Path) -> dict[str, np.ndarray]:
+  from safetensors import safe_open
+  out = {}
+  try:
+    with safe_open(str(path), framework="np") as f:
+      for k in f.keys():
+        out[k] = f.get_tensor(k)
+  except TypeError:
+    # bfloat16 tensors cannot be read as numpy by safetensors; go through flax (jax arrays) instead.
+    with safe_open(str(path), framework="flax") as f:
+      for k in f.keys():
+        out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
+  return out
+
+
+def resolve_folder(name_or_path: str) -> Path:
+  """A local folder as is; a hub name through huggingface_hub, with a one-line error when offline."""
+  path = Path(os.path.expanduser(name_or_path))
+  if path.is_dir():
+    return path
+  looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or path.exists()
+  if looks_local:
+    raise UserError(f"model folder {name_or_path} does not exist (expected a folder with config.json)")
+  try:
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(
+        repo_id=name_or_path,
+        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.*"],
+        etag_timeout=10))
+  except Exception as e:  # any hub failure: offline, unknown repo, gated, ...
+    raise UserError(
+        f"could not fetch {name_or_path!r} from the Hugging Face Hub ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); with no network, download it elsewhere and "
+        "pass the local folder (config.json, model.safetensors, tokenizer files) as model.name_or_path") from None
+
+
+def read_hf_config(folder: Path) -> dict:
+  path = folder / "config.json"
+  if not path.exists():
+    raise UserError(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}: invalid JSON ({e})") from None
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def init_params(cfg: EncoderConfig, seed: int = 0) -> dict:
+  """Random params (Hugging Face initialisers) for a config, as a plain nested dict."""
+  model = SequenceClassifier(cfg)
+  ones = np.ones((1, 4), np.int32)
+  variables = jax.jit(lambda k: model.init(k, ones, 0 * ones, ones, 0 * ones, np.zeros((1, 1), np.int32)))(
+      jax.random.key(seed))
+  return jax.tree.map(np.asarray, dict(variables["params"]))
+
+
+def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32", seed: int = 0) -> Loaded:
+  """Reads a checkpoint into (EncoderConfig, params). A head absent from it is initialised and noted."""
+  folder = resolve_folder(name_or_path)
+  hf_config = read_hf_config(folder)
+  cfg = from_hf_config(hf_config, source=str(folder / "config.json")).replace(dtype=dtype)
+  tensors, source = read_tensors(folder)
+  known = tensor_map(cfg)
+  tensors = {_canonical(k, cfg.family, known): v for k, v in tensors.items()}
+  head_out = "classifier.weight" if cfg.head == "pooler" else "classifier.out_proj.weight"
+  if head_out in tensors:
+    ckpt_labels = tensors[head_out].shape[0]
+    if num_labels is not None and num_labels != ckpt_labels:
+      raise UserError(f"{source}: the checkpoint's classification head has {ckpt_labels} labels but "
+                      f"num_labels={num_labels}; use a checkpoint without a head or the matching num_labels")
+    cfg = cfg.replace(num_labels=ckpt_labels)
+  elif num_labels is not None:
+    cfg = cfg.replace(num_labels=num_labels)
+  known = tensor_map(cfg)
+  params = init_params(cfg, seed)
+  unexpected = [k for k in tensors if k not in known]
+  ignored = [k for k in unexpected if _IGNORABLE.match(k) or _UNUSED_POOLER.match(k)]
+  bad = sorted(set(unexpected) - set(ignored))
+  if bad:
+    raise UserError(f"{source}: unexpected tensor {bad[0]!r}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                    + f" for a {cfg.family} model")
+  missing = [k for k in known if k not in tensors]
+  missing_body = [k for k in missing if known[k][0][0] != "head"]
+  if missing_body:
+    raise UserError(f"{source}: missing tensor {missing_body[0]!r}"
+                    + (f" (and {len(missing_body) - 1} more)" if len(missing_body) > 1 else ""))
+  for name, (path, transpose) in known.items():
+    if name not in tensors:
+      continue
+    value = np.asarray(tensors[name], np.float32)
+    value = value.T if transpose else value
+    expected = _get(params, path).shape
+    if value.shape != expected:
+      raise UserError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected "
+                      f"{tuple(reversed(expected)) if transpose else expected} from config.json")
+    _set(params, path, value)
+  notes = []
+  if ignored:
+    notes.append(f"ignored {len(ignored)} tensors not used for classification ({', '.join(sorted(ignored)[:3])}"
+                 + (", ..." if len(ignored) > 3 else "") + ")")
+  fresh = [k for k in missing if known[k][0][0] == "head"]
+  if fresh:
+    notes.append(f"initialised a new {cfg.num_labels}-label classification head ({len(fresh)} tensors: "
+                 f"{', '.join(sorted({'.'.join(known[k][0][:2]) for k in fresh}))}); it needs fine-tuning")
+  return Loaded(cfg=cfg, params=params, hf_config=hf_config, folder=folder, fresh_head=bool(fresh), notes=notes)
+
+
+def hf_config_for(cfg: EncoderConfig, hf_config: dict, label_names: list[str] | None = None,
+                  regression: bool = False) -> dict:
+  """The checkpoint's config.json updated for a sequence classifier with these labels."""
+  out = dict(hf_config)
+  out["architectures"] = [f"{_HF_CLASSES[cfg.family]}ForSequenceClassification"]
+  names = list(label_names) if label_names else [f"LABEL_{i}" for i in range(cfg.num_labels)]
+  out["id2label"] = {str(i): n for i, n in enumerate(names)}
+  out["label2id"] = {n: i for i, n in enumerate(names)}
+  out.pop("num_labels", None)
+  if regression:
+    out["problem_type"] = "regression"
+  elif cfg.num_labels > 1:
+    out["problem_type"] = "single_label_classification"
+  return out
+
+
+def save(folder: str | Path, cfg: EncoderConfig, params: dict, hf_config: dict,
+         label_names: list[str] | None = None, regression: bool = False) -> Path:
+  """Writes params as a Hugging Face folder (config.json + model.safetensors) that transformers loads."""
+  from safetensors.numpy import save_file
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  tensors = {}
+  for name, (path, transpose) in tensor_map(cfg).items():
+    value = np.asarray(_get(params, path), np.float32)
+    tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+  config = hf_config_for(cfg, hf_config, label_names, regression)
+  (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+  return folder
+

@@ -1,0 +1,190 @@
+"""Parity of the Flax models with Hugging Face PyTorch, weight round trips and bad checkpoints."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as tr
+from safetensors.numpy import load_file, save_file
+
+from bertjax import models
+from bertjax.errors import UserError
+from bertjax.models.encoder import Encoder
+from bertjax.models.hf_weights import tensor_map
+from conftest import minilm_dir, padded_batch, to_bertjax
+
+FAMILIES = ("bert", "roberta", "electra", "albert")
+
+
+def torch_logits(folder, ids, mask, types):
+  model = tr.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+  kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+  if model.config.type_vocab_size > 1:
+    kwargs["token_type_ids"] = torch.tensor(types)
+  with torch.no_grad():
+    return model(**kwargs).logits.numpy()
+
+
+def jax_logits(loaded, ids, mask, types, dtype="float32"):
+  cfg = loaded.cfg.replace(dtype=dtype)
+  out = models.SequenceClassifier(cfg).apply({"params": loaded.params}, **to_bertjax(ids, mask, types))
+  return np.asarray(out[:, 0, :])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pairs", [False, True])
+def test_logits_match_pytorch(hf_tiny, family, pairs):
+  loaded = models.load(str(hf_tiny[family]))
+  assert not loaded.fresh_head and loaded.cfg.family == family
+  rng = np.random.default_rng(1)
+  lengths = [9, 17, 5, 30]
+  split = [4, 10, 2, 12] if pairs else None
+  ids, mask, types = padded_batch(rng, lengths, 120, loaded.cfg.pad_token_id, split)
+  if family == "roberta":
+    types = np.zeros_like(types)
+  want = torch_logits(hf_tiny[family], ids, mask, types)
+  got = jax_logits(loaded, ids, mask, types)
+  assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+  got_bf16 = jax_logits(loaded, ids, mask, types, "bfloat16")
+  bf16_diff = np.abs(got_bf16 - want).max()
+  print(f"{family} pairs={pairs}: f32 max|diff|={np.abs(got - want).max():.2e} bf16={bf16_diff:.2e}")
+  assert bf16_diff < 0.1  # bf16 has ~3 significant digits; a wrong mapping is off by O(1)
+
+
+def test_albert_shares_layers(hf_tiny):
+  loaded = models.load(str(hf_tiny["albert"]))
+  cfg = loaded.cfg
+  # 4 layers over 2 groups of 2 inner layers: 4 parameter sets, 8 applied layers.
+  assert cfg.param_layers == 4 and cfg.layer_schedule() == [0, 1, 0, 1, 2, 3, 2, 3]
+  assert sorted(k for k in loaded.params["encoder"] if k.startswith("layer_")) == [f"layer_{k}" for k in range(4)]
+
+
+def test_minilm_hidden_states_match_pytorch():
+  folder = minilm_dir()
+  loaded = models.load(str(folder), num_labels=2)
+  assert loaded.fresh_head and any("new 2-label" in n for n in loaded.notes)
+  tok = tr.AutoTokenizer.from_pretrained(folder)
+  enc = tok(["a charming and often affecting journey .", "unflinchingly bleak",
+             "the movie was not bad at all , i enjoyed it"], padding=True, return_tensors="np")
+  ids, mask, types = enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
+  pt = tr.AutoModel.from_pretrained(folder).eval()
+  with torch.no_grad():
+    want = pt(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+              token_type_ids=torch.tensor(types)).last_hidden_state.numpy()
+  inputs = to_bertjax(ids, mask, types)
+  hidden = Encoder(loaded.cfg).apply({"params": loaded.params["encoder"]}, inputs["input_ids"],
+                                     inputs["token_type_ids"], inputs["segment_ids"], inputs["position_ids"])
+  real = mask.astype(bool)
+  diff = np.abs(np.asarray(hidden)[real] - want[real]).max()
+  assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_to_pytorch(hf_tiny, tmp_path, family):
+  """bertjax params -> Hugging Face folder -> transformers PyTorch gives our logits."""
+  loaded = models.load(str(hf_tiny[family]))
+  # Change the params so the test can't pass by re-reading the original file.
+  noise = np.random.default_rng(5)
+  params = jax.tree.map(lambda x: x + 0.05 * noise.standard_normal(x.shape).astype(np.float32), loaded.params)
+  out = models.save(tmp_path / "export", loaded.cfg, params, loaded.hf_config, ["neg", "neu", "pos"])
+  config = json.loads((out / "config.json").read_text())
+  assert config["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
+  rng = np.random.default_rng(2)
+  ids, mask, types = padded_batch(rng, [7, 12, 3], 120, loaded.cfg.pad_token_id, [3, 5, 1])
+  if family == "roberta":
+    types = np.zeros_like(types)
+  want = torch_logits(out, ids, mask, types)
+  got = np.asarray(models.SequenceClassifier(loaded.cfg).apply({"params": params}, **to_bertjax(ids, mask, types))
+                   )[:, 0]
+  assert np.abs(got - want).max() <= 1e-4
+  assert np.abs(got - torch_logits(hf_tiny[family], ids, mask, types)).max() > 1e-3  # params really changed
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_row_equals_examples_alone(hf_tiny, family):
+  """Two examples packed in one row give the logits each gives alone."""
+  loaded = models.load(str(hf_tiny[family]))
+  model = models.SequenceClassifier(loaded.cfg)
+  rng = np.random.default_rng(3)
+  a, b = rng.integers(3, 120, 7).astype(np.int32), rng.integers(3, 120, 11).astype(np.int32)
+  ta, tb = (np.r_[np.zeros(4), np.ones(3)], np.r_[np.zeros(5), np.ones(6)]) if family != "roberta" else \
+      (np.zeros(7), np.zeros(11))
+  alone = []
+  for ids, types in ((a, ta), (b, tb)):
+    n = len(ids)
+    batch = dict(input_ids=ids[None], token_type_ids=types[None].astype(np.int32), segment_ids=np.ones((1, n), np.int32),
+                 position_ids=np.arange(n, dtype=np.int32)[None], cls_index=np.zeros((1, 1), np.int32))
+    alone.append(np.asarray(model.apply({"params": loaded.params}, **batch))[0, 0])
+  pad = loaded.cfg.pad_token_id
+  row = np.r_[a, b, [pad] * 6].astype(np.int32)
+  packed = dict(input_ids=row[None], token_type_ids=np.r_[ta, tb, np.zeros(6)][None].astype(np.int32),
+                segment_ids=np.r_[[1] * 7, [2] * 11, [0] * 6][None].astype(np.int32),
+                position_ids=np.r_[np.arange(7), np.arange(11), np.zeros(6)][None].astype(np.int32),
+                cls_index=np.array([[0, 7]], np.int32))
+  got = np.asarray(model.apply({"params": loaded.params}, **packed))[0]
+  assert np.abs(got - np.stack(alone)).max() <= 1e-5
+
+
+def test_dropout_is_active_in_training_and_seeded(hf_tiny):
+  loaded = models.load(str(hf_tiny["bert"]))
+  model = models.SequenceClassifier(loaded.cfg)
+  rng = np.random.default_rng(4)
+  inputs = to_bertjax(*padded_batch(rng, [8, 8], 120, 0))
+  run = lambda seed: np.asarray(model.apply({"params": loaded.params}, **inputs, deterministic=False,
+                                            rngs={"dropout": jax.random.key(seed)}))
+  assert np.abs(run(0) - run(1)).max() > 1e-3
+  np.testing.assert_array_equal(run(0), run(0))
+
+
+def test_num_labels_disagreeing_with_head(hf_tiny):
+  with pytest.raises(UserError, match="has 3 labels but num_labels=2"):
+    models.load(str(hf_tiny["bert"]), num_labels=2)
+
+
+def test_bad_checkpoints(hf_tiny, tmp_path):
+  src = hf_tiny["bert"]
+  with pytest.raises(UserError, match="no config.json"):
+    models.load(str(tmp_path))
+  with pytest.raises(UserError, match="does not exist"):
+    models.load(str(tmp_path / "nope"))
+
+  def copy_with(name, config=None, tensors=None):
+    d = tmp_path / name
+    d.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(config or {})
+    (d / "config.json").write_text(json.dumps(cfg))
+    t = load_file(str(src / "model.safetensors"))
+    t = tensors(t) if tensors else t
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return str(d)
+
+  with pytest.raises(UserError, match="unsupported model_type 'gpt2'"):
+    models.load(copy_with("gpt", {"model_type": "gpt2"}))
+  name = "bert.encoder.layer.1.attention.self.key.weight"
+  with pytest.raises(UserError, match=f"model.safetensors: missing tensor '{name}'"):
+    models.load(copy_with("missing", tensors=lambda t: {k: v for k, v in t.items() if k != name}))
+  with pytest.raises(UserError, match=f"model.safetensors: tensor '{name}' has shape \\(32, 31\\), expected \\(32, 32\\)"):
+    models.load(copy_with("shape", tensors=lambda t: {**t, name: t[name][:, :31].copy()}))
+  with pytest.raises(UserError, match="unexpected tensor 'bert.encoder.layer.7.foo'"):
+    models.load(copy_with("extra", tensors=lambda t: {**t, "bert.encoder.layer.7.foo": np.zeros(3, np.float32)}))
+
+
+def test_offline_hub_name_is_one_line_error(monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(UserError) as e:
+    models.load("roberta-base")
+  msg = str(e.value)
+  assert "\n" not in msg and "roberta-base" in msg and "local folder" in msg
+
+
+def test_every_param_is_mapped(hf_tiny):
+  """The name map covers the whole param tree, so nothing is silently left at its random init."""
+  for family in FAMILIES:
+    loaded = models.load(str(hf_tiny[family]))
+    paths = {tuple(p.key for p in path) for path, _ in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
+    mapped = {path for path, _ in tensor_map(loaded.cfg).values()}
+    assert paths == mapped, paths ^ mapped
