@@ -1,0 +1,249 @@
+"""Optimizers: optax chains, LR schedules and scaling, weight-decay mask, layer-wise LR decay.
+
+Every optimizer is one `optax.chain`, so the whole update stays a single jitted function:
+
+  clip_by_global_norm(clip_norm)        # skipped when clip_norm == 0
+  -> direction (adam / rms / factored rms moments)
+  -> + weight_decay * param             # decoupled, masked: no biases, no LayerNorm params
+  -> trust ratio                        # lamb only
+  -> * -schedule_fn(step)
+  -> * layer-wise multiplier            # skipped when layerwise_lr_decay == 1
+
+Because the decay term is added before the learning rate, it is scaled by the same per-layer
+learning rate as the gradient step, like torch.optim.AdamW with one param group per layer.
+"""
+
+import math
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from bertjax.errors import UserError
+
+OPTIMIZERS = ("adamw", "lamb", "rmsprop", "adafactor")
+SCHEDULES = ("linear", "cosine", "constant", "step")
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
+
+_LAYER_KEY = re.compile(r"layer_(\d+)")
+
+
+def _key_name(entry: Any) -> str:
+  """The string name of one tree-path entry (dict key, attribute or sequence index)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _get(cfg: ml_collections.ConfigDict, key: str) -> Any:
+  if key not in cfg:
+    raise UserError(f"optimizer config is missing key '{key}'")
+  return cfg[key]
+
+
+def _choice(cfg: ml_collections.ConfigDict, key: str, valid: tuple[str, ...]) -> str:
+  value = str(_get(cfg, key)).lower()
+  if value not in valid:
+    raise UserError(
+        f"optimizer.{key}={_get(cfg, key)!r} is unknown; valid: {', '.join(valid)}"
+    )
+  return value
+
+
+def _number(cfg: ml_collections.ConfigDict, key: str, low: float, high: float = math.inf,
+            low_open: bool = False) -> float:
+  """Reads cfg[key] as a float in [low, high] (or (low, high] when low_open)."""
+  value = _get(cfg, key)
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise UserError(f"optimizer.{key}={value!r} is not a number") from None
+  too_low = value <= low if low_open else value < low
+  if too_low or value > high or math.isnan(value):
+    bracket = "(" if low_open else "["
+    raise UserError(f"optimizer.{key}={value} is outside {bracket}{low}, {high}]")
+  return value
+
+
+def decay_mask(params: Any) -> Any:
+  """True where weight decay applies: every leaf except biases and LayerNorm params.
+
+  A leaf is a bias when its own key is `bias`; it is a LayerNorm param when any key on its
+  path contains `norm` (e.g. `attention_norm/scale`, `LayerNorm_0/bias`).
+  """
+
+  def wants_decay(path, _):
+    names = [_key_name(p) for p in path]
+    if names and names[-1] == "bias":
+      return False
+    return not any("norm" in n.lower() for n in names)
+
+  return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def layer_depths(params: Any) -> tuple[Any, int]:
+  """Depth of each leaf and the number n of encoder layers.
+
+  `encoder/embeddings/...` is depth 0, `encoder/layer_k/...` is k+1; everything else (the
+  head, a pooler or a final encoder norm sitting above the last layer) is n+1.
+  """
+  if not hasattr(params, "keys"):
+    raise UserError("layer-wise LR decay needs a params dict with an 'encoder' entry")
+  encoder = params.get("encoder")
+  if encoder is None or not hasattr(encoder, "keys"):
+    raise UserError(
+        f"layer-wise LR decay needs params['encoder'] with layer_* entries; got top-level "
+        f"keys {sorted(params.keys())}"
+    )
+  layer_ids = [int(m.group(1)) for k in encoder.keys() if (m := _LAYER_KEY.fullmatch(k))]
+  n = len(layer_ids)
+  if n == 0 or sorted(layer_ids) != list(range(n)):
+    raise UserError(
+        f"layer-wise LR decay needs params['encoder'] to hold layer_0..layer_{{n-1}}; got "
+        f"keys {sorted(encoder.keys())}"
+    )
+
+  def depth(path, _):
+    names = [_key_name(p) for p in path]
+    if len(names) >= 2 and names[0] == "encoder":
+      if names[1] == "embeddings":
+        return 0
+      if m := _LAYER_KEY.fullmatch(names[1]):
+        return int(m.group(1)) + 1
+    return n + 1
+
+  return jax.tree_util.tree_map_with_path(depth, params), n
+
+
+def layerwise_multipliers(params: Any, decay: float) -> Any:
+  """LR multiplier per leaf: decay ** (n + 1 - depth), so 1 for the head."""
+  depths, n = layer_depths(params)
+  return jax.tree.map(lambda d: float(decay ** (n + 1 - d)), depths)
+
+
+def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
+  """Multiplies each update leaf by the matching constant in `multipliers` (stateless)."""
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    updates = jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, multipliers)
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_schedule(kind: str, peak_lr: float, total_steps: int, warmup_steps: int) -> Schedule:
+  """Learning rate at a step: linear warmup 0 -> peak_lr over `warmup_steps`, then
+
+  - linear:   linear decay from peak_lr to 0 at `total_steps`;
+  - cosine:   half-cosine decay from peak_lr to 0 at `total_steps`;
+  - constant: peak_lr;
+  - step:     peak_lr, x0.1 once 1/3 and again once 2/3 of the post-warmup steps have passed.
+
+  The first update (step 0) uses lr 0 when warmup_steps > 0, as in Hugging Face's warmup
+  schedules. Steps past `total_steps` stay at the end value.
+  """
+  if kind not in SCHEDULES:
+    raise UserError(f"optimizer.schedule={kind!r} is unknown; valid: {', '.join(SCHEDULES)}")
+  decay_steps = max(total_steps - warmup_steps, 1)
+
+  def schedule(step: jax.typing.ArrayLike) -> jax.Array:
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak_lr * step / max(warmup_steps, 1)
+    frac = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+    if kind == "linear":
+      body = peak_lr * (1.0 - frac)
+    elif kind == "cosine":
+      body = peak_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    elif kind == "constant":
+      body = jnp.full_like(frac, peak_lr)
+    else:
+      drops = (frac >= 1 / 3).astype(jnp.float32) + (frac >= 2 / 3).astype(jnp.float32)
+      body = peak_lr * 0.1**drops
+    return jnp.where(step < warmup_steps, warm, body)
+
+  return schedule
+
+
+def scaled_learning_rate(learning_rate: float, scaling: str, global_batch_size: int,
+                         base_batch_size: int) -> float:
+  """learning_rate times global/base (`linear`), sqrt(global/base) (`sqrt`) or 1 (`none`)."""
+  if scaling == "none":
+    return float(learning_rate)
+  ratio = global_batch_size / base_batch_size
+  return float(learning_rate * (ratio if scaling == "linear" else math.sqrt(ratio)))
+
+
+def _direction(name: str, b1: float, b2: float, eps: float) -> list[optax.GradientTransformation]:
+  """The optimizer's preconditioned gradient, before weight decay and learning rate.
+
+  adamw/lamb: Adam moments (b1, b2, eps outside the sqrt, bias-corrected).
+  rmsprop: RMS of gradients with decay b2, bias-corrected (otherwise the first steps are
+    ~1/sqrt(1-b2) times too large), eps outside the sqrt as in PyTorch; no momentum, b1 unused.
+  adafactor: factored second moments with optax's defaults (decay 0.8, eps 1e-30) and update
+    clipping at block RMS 1; b1, b2, eps unused, and no scaling by parameter norm, so the
+    learning rate is an absolute step size like the other optimizers.
+  """
+  if name in ("adamw", "lamb"):
+    return [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
+  if name == "rmsprop":
+    return [optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True)]
+  return [optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0)]
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict,
+    params: Any,
+    total_steps: int,
+    global_batch_size: int,
+) -> tuple[optax.GradientTransformation, Schedule, float]:
+  """Builds the optimizer from the `optimizer` config group.
+
+  Returns (transformation, schedule_fn, effective_lr): `schedule_fn(step)` is the learning rate
+  of the top layer (head) at `step`, for logging; lower layers get it times their layer-wise
+  multiplier. `effective_lr` is the peak rate after batch-size scaling. `params` (or a tree of
+  `jax.ShapeDtypeStruct` with the same structure) is only read for its structure.
+  """
+  name = _choice(cfg, "name", OPTIMIZERS)
+  kind = _choice(cfg, "schedule", SCHEDULES)
+  scaling = _choice(cfg, "lr_scaling", LR_SCALINGS)
+  learning_rate = _number(cfg, "learning_rate", 0.0, low_open=True)
+  weight_decay = _number(cfg, "weight_decay", 0.0)
+  eps = _number(cfg, "eps", 0.0)
+  b1 = _number(cfg, "b1", 0.0, 1.0)
+  b2 = _number(cfg, "b2", 0.0, 1.0)
+  warmup_fraction = _number(cfg, "warmup_fraction", 0.0, 1.0)
+  layer_decay = _number(cfg, "layerwise_lr_decay", 0.0, 1.0, low_open=True)
+  clip_norm = _number(cfg, "clip_norm", 0.0)
+  if int(total_steps) < 1:
+    raise UserError(f"total training steps must be >= 1, got {total_steps}")
+  base_batch_size = 1
+  if scaling != "none":
+    base_batch_size = int(_number(cfg, "base_batch_size", 0.0, low_open=True))
+
+  effective_lr = scaled_learning_rate(learning_rate, scaling, global_batch_size, base_batch_size)
+  warmup_steps = int(round(warmup_fraction * total_steps))
+  schedule_fn = make_schedule(kind, effective_lr, int(total_steps), warmup_steps)
+
+  chain = []
+  if clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(clip_norm))
+  chain += _direction(name, b1, b2, eps)
+  if weight_decay > 0:
+    chain.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+  if name == "lamb":
+    chain.append(optax.scale_by_trust_ratio())
+  chain.append(optax.scale_by_learning_rate(schedule_fn))
+  if layer_decay != 1.0:
+    chain.append(scale_by_tree(layerwise_multipliers(params, layer_decay)))
+  return optax.chain(*chain), schedule_fn, effective_lr
