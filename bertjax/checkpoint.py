@@ -1,0 +1,191 @@
+"""Training checkpoints: orbax `CheckpointManager` for a workdir's `checkpoints/` folder.
+
+Each step folder holds two items: `state` (a pytree of jax arrays: params, optimizer
+state, step, raw uint32 rng key) and `meta` (JSON: data-iterator position, label names,
+config snapshot). Orbax (0.12.8, local disk) writes a step into
+`<step>.orbax-checkpoint-tmp` and renames it to `<step>` only once every item is on
+disk, so a run killed mid-save leaves a tmp folder that is never listed as a step and
+is deleted by the next run before its first save.
+
+Retention keeps exactly two checkpoints: the latest one, and the one with the lowest
+`eval_loss` among those saved with metrics (they may coincide). Orbax 0.12.8 says this
+with one preservation policy, `AnyPreservationPolicy([LatestN(1), BestN(n=1)])`; old
+steps are deleted only after the new step is finalised, so a failed save never costs
+an earlier checkpoint.
+
+All processes must call `save`/`restore`/`wait`/`close` (orbax synchronises them and
+its primary host writes the JSON files); `is_primary` only decides who logs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+_LOSS_KEY = "eval_loss"
+_STATE = "state"
+_META = "meta"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written; earlier finalised checkpoints are untouched."""
+
+
+def _loss_for_ranking(metrics: dict[str, Any]) -> float:
+  """The value orbax ranks checkpoints by; a NaN or missing loss never wins."""
+  value = metrics.get(_LOSS_KEY)
+  if value is None:
+    return math.inf
+  value = float(value)
+  return math.inf if math.isnan(value) else value
+
+
+def _json_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+  """Turns jax/numpy scalars into floats: orbax stores metrics as JSON."""
+  if _LOSS_KEY not in metrics:
+    raise ValueError(
+        f"checkpoint metrics need {_LOSS_KEY!r} to rank checkpoints; got keys "
+        f"{sorted(metrics)}")
+  out = {}
+  for name, value in metrics.items():
+    out[name] = value if isinstance(value, (str, bool, int)) else float(value)
+  return out
+
+
+def _check_abstract(abstract_state: PyTree) -> None:
+  """Refuses targets without shardings: orbax would silently return numpy arrays."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
+    if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+      raise ValueError(
+          f"abstract state leaf {jax.tree_util.keystr(path)} has no sharding; "
+          "set one (e.g. jax.ShapeDtypeStruct(shape, dtype, sharding=...)) so the "
+          "restored value is a jax.Array placed like the training state")
+
+
+class Checkpoints:
+  """Saves, lists, prunes and restores the checkpoints of one training run."""
+
+  def __init__(self, directory: str, keep_best: bool = True,
+               async_save: bool = True, *, is_primary: bool):
+    self._is_primary = is_primary
+    policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=1)]
+    if keep_best:
+      # reverse=True sorts by descending loss and BestN keeps the tail: the lowest.
+      # Checkpoints without metrics are the LatestN policy's business only.
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=_loss_for_ranking, reverse=True, n=1,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        # best_fn is what makes orbax record metrics and answer best_step();
+        # the preservation policy alone decides what is deleted.
+        best_fn=_loss_for_ranking,
+        best_mode="min",
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        # Deletes tmp folders left by a killed save (in the background; orbax
+        # awaits it before this run's first save).
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        directory, options=options, item_names=(_STATE, _META))
+    self._pending_step: int | None = None
+
+  @property
+  def directory(self) -> str:
+    return str(self._manager.directory)
+
+  def save(self, step: int, state: PyTree, meta: dict[str, Any],
+           metrics: dict[str, Any] | None = None, force: bool = False) -> bool:
+    """Starts writing `step` (asynchronously unless async_save=False).
+
+    `metrics`, when given, must contain `eval_loss`; it ranks the checkpoint for
+    retention. Returns whether a save was started. Raises CheckpointError if this
+    save, or the previous asynchronous one it waits for, fails.
+    """
+    json_metrics = None if metrics is None else _json_metrics(metrics)
+    args = ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state),
+        _META: ocp.args.JsonSave(meta),
+    })
+    # Orbax would wait for the previous asynchronous save inside `save`; waiting
+    # here first lets a failure name the step that actually broke.
+    self.wait()
+    try:
+      started = self._manager.save(step, args=args, metrics=json_metrics, force=force)
+    except ocp.checkpoint_manager.StepAlreadyExistsError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      self._resync()
+      raise CheckpointError(
+          f"checkpoint save of step {step} failed in {self.directory}: {e}") from e
+    if started:
+      self._pending_step = step
+      if self._is_primary:
+        logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return started
+
+  def wait(self) -> None:
+    """Blocks until the pending save is on disk; raises CheckpointError if it failed."""
+    step, self._pending_step = self._pending_step, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._resync()
+      raise CheckpointError(
+          f"checkpoint save of step {step} failed in {self.directory}: {e}") from e
+
+  def _resync(self) -> None:
+    """Re-reads the step list from disk after a failure.
+
+    Orbax drops the steps it planned to delete from its cache before the new step is
+    finalised; when that step fails they are still on disk and still restorable.
+    """
+    try:
+      self._manager.reload()
+    except Exception:  # pylint: disable=broad-except
+      logging.exception("checkpoint: could not re-read %s", self.directory)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The kept step with the lowest eval_loss, or None if none was saved with metrics."""
+    return self._manager.best_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict[str, Any]]:
+    """Returns (state, meta) of `step`, shaped, typed and sharded like `abstract_state`.
+
+    `abstract_state`: `jax.eval_shape` output (or `jax.ShapeDtypeStruct`s) with
+    `.sharding` set on every leaf, or concrete arrays of the same structure.
+    """
+    _check_abstract(abstract_state)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(abstract_state),
+        _META: ocp.args.JsonRestore(),
+    }))
+    if self._is_primary:
+      logging.info("checkpoint: restored step %d from %s", step, self.directory)
+    return restored[_STATE], restored[_META]
+
+  def close(self) -> None:
+    """Waits for the pending save, then releases orbax's threads."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  def __enter__(self) -> Checkpoints:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
