@@ -64,7 +64,8 @@ def tiny_bert_with_tokenizer(folder: Path, num_labels: int = 2, seed: int = 0, w
   import transformers as tr
   torch.manual_seed(seed)
   src = minilm_dir()
-  cfg = tr.BertConfig(**dict(TINY, max_position_embeddings=512), vocab_size=30522, num_labels=num_labels)
+  cfg = tr.BertConfig(**dict(TINY, max_position_embeddings=512, initializer_range=0.02), vocab_size=30522,
+                      num_labels=num_labels)
   model = (tr.BertForSequenceClassification if with_head else tr.BertModel)(cfg)
   model.save_pretrained(folder, safe_serialization=True)
   for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

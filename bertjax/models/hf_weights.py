@@ -227,6 +227,7 @@ def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32
                       f"{tuple(reversed(expected)) if transpose else expected} from config.json")
     _set(params, path, value)
   notes = []
+  ignored = [k for k in ignored if not k.endswith(("position_ids", "token_type_ids"))]  # buffers, not weights
   if ignored:
     notes.append(f"ignored {len(ignored)} tensors not used for classification ({', '.join(sorted(ignored)[:3])}"
                  + (", ..." if len(ignored) > 3 else "") + ")")

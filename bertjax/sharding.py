@@ -1,0 +1,60 @@
+"""Device mesh from the config, the partition rule for params, and multi-host initialisation."""
+
+import numpy as np
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bertjax.errors import UserError
+
+BATCH_AXES = ("data", "fsdp")  # batch rows are split over both axes; params only over fsdp
+
+
+def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+  """A (data, fsdp) mesh over all devices; -1 means all the devices the other axis leaves."""
+  n = jax.device_count()
+  if data == -1 and fsdp == -1:
+    raise UserError("mesh.data and mesh.fsdp cannot both be -1")
+  if fsdp == -1:
+    fsdp = n // data if data > 0 and n % data == 0 else 0
+  if data == -1:
+    data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
+  if data < 1 or fsdp < 1 or data * fsdp != n:
+    raise UserError(f"mesh.data x mesh.fsdp must equal the {n} devices, got {data} x {fsdp}")
+  devices = np.asarray(jax.devices()).reshape(data, fsdp)
+  return Mesh(devices, BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2 ** 14) -> P:
+  """ZeRO-3 style: split the largest dimension divisible by the fsdp size; small leaves stay whole."""
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+  """Shardings for every leaf of a train state (params and optimizer moments alike)."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp)), abstract_state)
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
+  """One jax.Array per key from each host's rows (the global batch is their concatenation)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def local_rows_multiple(mesh: Mesh) -> int:
+  """Rows per host must split evenly over this host's devices."""
+  return max(1, len(mesh.local_devices))

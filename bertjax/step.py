@@ -1,0 +1,127 @@
+"""Pure train and eval steps: (state, batch) -> (state, metrics), jitted once per batch shape."""
+
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from bertjax.models.heads import SequenceClassifier, model_inputs
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32[2] raw key; dropout keys are fold_in(rng, step)
+
+
+def per_example_loss(logits_BxSxC, labels_BxS, regression: bool):
+  if regression:
+    return jnp.square(logits_BxSxC[..., 0] - labels_BxS)
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxSxC, labels_BxS)
+
+
+def _sums(model: SequenceClassifier, params, batch, regression: bool, dropout_key):
+  """Sum of per-example losses over real examples, and per-example stats (no averaging yet)."""
+  deterministic = dropout_key is None
+  rngs = None if deterministic else {"dropout": dropout_key}
+  logits = model.apply({"params": params}, **model_inputs(batch), deterministic=deterministic, rngs=rngs)
+  mask = batch["example_mask"]
+  loss_sum = jnp.sum(per_example_loss(logits, batch["labels"], regression) * mask)
+  if regression:
+    correct = jnp.zeros(())
+  else:
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * mask)
+  return loss_sum, (correct, jnp.sum(mask))
+
+
+def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation, schedule: Callable,
+                    regression: bool, grad_accum_steps: int = 1) -> Callable:
+  """The step: gradients summed over `grad_accum_steps` row chunks, then divided by the number of
+  real examples in the whole batch, so accumulation and partial batches give the exact mean."""
+
+  def train_step(state: TrainState, batch: dict):
+    step_key = jax.random.fold_in(state.rng, state.step)
+    vg = jax.value_and_grad(lambda p, b, k: _sums(model, p, b, regression, k), has_aux=True)
+    if grad_accum_steps == 1:
+      (loss_sum, (correct, count)), grads = vg(state.params, batch, step_key)
+    else:
+      chunks = jax.tree.map(lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
+                            batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        (l, (c, n)), g = vg(state.params, mb, jax.random.fold_in(step_key, i))
+        acc_g, acc_l, acc_c, acc_n = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, acc_c + c, acc_n + n), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+      (grads, loss_sum, correct, count), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum_steps), chunks))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss_sum / denom, "accuracy": correct / denom, "examples": count,
+               "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: SequenceClassifier) -> Callable:
+  """Per-slot logits of a batch (empty slots included; the caller drops them by example_ids)."""
+
+  def eval_step(params, batch: dict):
+    return model.apply({"params": params}, **model_inputs(batch), deterministic=True)
+
+  return eval_step
+
+
+class CompiledByShape:
+  """Ahead-of-time compiles a jitted step once per batch shape and keeps the executables.
+
+  The count is the number of compilations; `compile_seconds` lets the trainer keep compilation
+  out of its throughput figures; the first compile reports its memory analysis.
+  """
+
+  def __init__(self, jitted: Callable, name: str, report: Callable[[str], None] | None = None):
+    self.jitted = jitted
+    self.name = name
+    self.report = report
+    self.executables: dict = {}
+    self.compile_seconds = 0.0
+
+  def __call__(self, first, batch):
+    key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+    fn = self.executables.get(key)
+    if fn is None:
+      t = time.perf_counter()
+      fn = self.jitted.lower(first, batch).compile()
+      self.compile_seconds += time.perf_counter() - t
+      if self.report is not None and not self.executables:
+        self.report(f"{self.name}: compiled in {time.perf_counter() - t:.1f}s; {memory_summary(fn)}")
+      self.executables[key] = fn
+    return fn(first, batch)
+
+  @property
+  def num_compilations(self) -> int:
+    return len(self.executables)
+
+
+def memory_summary(compiled) -> str:
+  """Per-device memory of a compiled step (arguments, outputs, temporaries), when XLA reports it."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    return "memory analysis unavailable"
+  if m is None:
+    return "memory analysis unavailable"
+  mb = lambda n: f"{n / 2 ** 20:.1f} MiB"
+  return (f"per device: arguments {mb(m.argument_size_in_bytes)}, outputs {mb(m.output_size_in_bytes)}, "
+          f"temporaries {mb(m.temp_size_in_bytes)}, generated code {mb(m.generated_code_size_in_bytes)}")

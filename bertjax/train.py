@@ -1,0 +1,65 @@
+"""Fine-tunes a BERT-family checkpoint for text classification.
+
+  python -m bertjax.train --config configs/NAME.py[:variant] --workdir DIR [--config.KEY=VALUE ...]
+
+Re-running the same command with the same workdir resumes from its latest checkpoint.
+"""
+
+import difflib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bertjax.errors import UserError, exit_on_user_error
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary (resumed if present).")
+
+
+def _check_overrides(argv: list[str]) -> None:
+  """Unknown `--config.KEY` overrides fail in one line that lists the valid keys, exit code 2."""
+  from bertjax.config_base import base_config
+  valid = sorted(_flat_keys(base_config()))
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      key = arg[len("--config."):].split("=", 1)[0]
+      if key not in valid:
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"error: unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _flat_keys(cfg, prefix="") -> list[str]:
+  out = []
+  for k, v in cfg.items():
+    if hasattr(v, "items"):
+      out += _flat_keys(v, f"{prefix}{k}.")
+    else:
+      out.append(f"{prefix}{k}")
+  return out
+
+
+@exit_on_user_error
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS.workdir:
+    raise UserError("--workdir is required")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  from bertjax import trainer  # after flag parsing, so a bad flag fails fast
+  trainer.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+
+
+def run():
+  _check_overrides(sys.argv)
+  try:
+    app.run(main)
+  except UserError as e:  # raised while the config file itself is evaluated
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,73 @@
+"""Reading a finished (or running) training workdir: its config, labels, model folder and checkpoints."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from bertjax import checkpoint as ckpt_lib
+from bertjax import optim
+from bertjax.errors import UserError
+from bertjax.models import hf_weights
+from bertjax.models.config import EncoderConfig, from_hf_config
+from bertjax.step import TrainState
+
+
+@dataclasses.dataclass
+class Run:
+  workdir: Path
+  config: ml_collections.ConfigDict
+  model_cfg: EncoderConfig
+  hf_config: dict
+  task: str
+  label_names: list[str] | None
+  step: int
+  params: dict
+
+
+def _read_json(path: Path) -> dict:
+  if not path.exists():
+    raise UserError(f"{path}: missing (is {path.parent} a bertjax training workdir?)")
+  return json.loads(path.read_text())
+
+
+def pick_step(checkpoints: ckpt_lib.Checkpoints, which: str) -> int:
+  """'best' (lowest eval loss; latest when no eval ran), 'latest', or a step number."""
+  steps = checkpoints.all_steps()
+  if not steps:
+    raise UserError(f"{checkpoints.directory}: no complete checkpoint")
+  if which == "latest":
+    return checkpoints.latest_step()
+  if which == "best":
+    best = checkpoints.best_step()
+    return best if best is not None else checkpoints.latest_step()
+  if not str(which).isdigit() or int(which) not in steps:
+    raise UserError(f"{checkpoints.directory}: no checkpoint {which!r}; have best, latest or steps {steps}")
+  return int(which)
+
+
+def load_run(workdir: str | Path, which: str = "best", dtype: str | None = None) -> Run:
+  """Restores a run's params (on the default device) with what is needed to use them."""
+  workdir = Path(workdir)
+  config = ml_collections.ConfigDict(_read_json(workdir / "config.json"))
+  labels = _read_json(workdir / "labels.json")
+  hf_config = _read_json(workdir / "model" / "config.json")
+  model_cfg = from_hf_config(hf_config, str(workdir / "model" / "config.json"))
+  model_cfg = model_cfg.replace(dtype=dtype or config.model.dtype)
+  params = hf_weights.init_params(model_cfg)
+  tx, _, _ = optim.make_optimizer(config.optimizer, params, 1000, config.train.global_batch_size)
+  abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                                                 rng=jax.random.PRNGKey(0)), params)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+  checkpoints = ckpt_lib.Checkpoints(str(workdir / "checkpoints"), async_save=False, is_primary=False)
+  try:
+    step = pick_step(checkpoints, which)
+    state, _ = checkpoints.restore(step, abstract)
+  finally:
+    checkpoints.close()
+  return Run(workdir=workdir, config=config, model_cfg=model_cfg, hf_config=hf_config, task=labels["task"],
+             label_names=labels["label_names"], step=step, params=state.params)

@@ -1,0 +1,29 @@
+"""Offline demo: fine-tune all-MiniLM-L6-v2 on a generated sentiment task (no network needed).
+
+  bash scripts/demo.sh        # generates runs/demo_data, then runs:
+  python -m bertjax.train --config configs/demo.py --workdir runs/demo
+Variant `configs/demo.py:tiny` (short rows, batch 16, 8 epochs) is what the tests run on a tiny model.
+"""
+
+from bertjax.config_base import base_config, minilm_path, parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, tiny=False, data_dir="runs/demo_data")
+  c = base_config()
+  c.model.name_or_path = minilm_path()
+  c.data.train = f"{arg.data_dir}/train.tsv"
+  c.data.eval = f"{arg.data_dir}/dev.tsv"
+  c.data.text_fields = ("sentence",)
+  c.data.max_length = 64
+  c.train.num_epochs = 2.0
+  c.train.global_batch_size = 32
+  c.train.log_every_steps = 10
+  c.optimizer.learning_rate = 5e-5
+  if arg.tiny:  # for the tiny random BERT of the tests: cheap steps, so more of them
+    c.data.max_length = 32
+    c.train.num_epochs = 8.0
+    c.train.global_batch_size = 16
+    c.train.log_every_steps = 4
+    c.optimizer.learning_rate = 3e-3
+  return c

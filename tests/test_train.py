@@ -1,0 +1,193 @@
+"""End-to-end training on a tiny BERT: learning, outputs, resume after kill -9, accumulation, errors."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from bertjax import demo_data, trainer
+from bertjax.errors import UserError
+from bertjax.workdir import load_run
+from conftest import make_hf_classifier, tiny_bert_with_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_config(data_dir, model_dir, **overrides):
+  spec = importlib.util.spec_from_file_location("demo_cfg", REPO / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(f"tiny,data_dir={data_dir}")
+  c.model.name_or_path = str(model_dir)
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    c[group][name] = value
+  return c
+
+
+def cli(workdir, data_dir, model_dir, *overrides, timeout=300):
+  cmd = [sys.executable, "-m", "bertjax.train", f"--config={REPO}/configs/demo.py:tiny,data_dir={data_dir}",
+         f"--workdir={workdir}", f"--config.model.name_or_path={model_dir}", *overrides]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("train")
+  demo_data.write(root / "data", 512, 100, seed=0)
+  model = tiny_bert_with_tokenizer(root / "model")
+  return root, root / "data", model
+
+
+@pytest.fixture(scope="module")
+def finished_run(setup):
+  root, data, model = setup
+  workdir = root / "run"
+  summary = trainer.train_and_evaluate(demo_config(data, model), str(workdir))
+  return workdir, summary
+
+
+def test_loss_falls_and_run_outputs(finished_run):
+  workdir, summary = finished_run
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in lines if r["kind"] == "train"]
+  evals = [r for r in lines if r["kind"] == "eval"]
+  assert all({"step", "loss", "learning_rate"} <= set(r) for r in train)
+  assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]]) - 0.1
+  assert evals[-1]["loss"] < evals[0]["loss"] and summary["best"]["eval_accuracy"] >= 0.65
+  # 100 eval examples (not a multiple of the batch of 16): every one counted.
+  assert summary["num_eval_examples"] == 100 and summary["num_train_examples"] == 512
+  assert summary["steps"] == summary["total_steps"] == 8 * 32 and summary["epochs_completed"] == 8
+  assert summary["finished"] and summary["best"]["step"] % 32 == 0
+  assert 0 < summary["mfu"] < 1 and summary["train_examples_per_sec"] > 0
+  assert 0 < summary["padding_fraction"] < 0.5 and 1 <= summary["num_compilations"] <= 12
+  for key in ("model", "global_batch_size", "train_tokens_per_sec", "wall_seconds", "final"):
+    assert key in summary
+  assert {"step", "eval_loss", "eval_accuracy", "eval_f1"} <= set(summary["final"])
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert (workdir / "curves.png").stat().st_size > 1000
+  assert json.loads((workdir / "labels.json").read_text())["label_names"] == ["0", "1"]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) <= \
+      sorted({str(summary["best"]["step"]), str(summary["steps"])})
+
+
+def test_resume_after_kill_equals_uninterrupted(setup):
+  root, data, model = setup
+  common = ("--config.train.max_steps=40", "--config.train.checkpoint_every_steps=5",
+            "--config.train.eval_every_steps=20")
+  straight = root / "straight"
+  trainer.train_and_evaluate(demo_config(data, model, **{"train.max_steps": 40, "train.checkpoint_every_steps": 5,
+                                                         "train.eval_every_steps": 20}), str(straight))
+  killed = root / "killed"
+  cmd = [sys.executable, "-m", "bertjax.train", f"--config={REPO}/configs/demo.py:tiny,data_dir={data}",
+         f"--workdir={killed}", f"--config.model.name_or_path={model}", *common]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    done = [int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit()] \
+        if (killed / "checkpoints").exists() else []
+    if done and max(done) >= 15:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed = cli(killed, data, model, *common)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from" in resumed.stderr
+  a, b = load_run(straight, "latest"), load_run(killed, "latest")
+  assert a.step == b.step == 40
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  lines = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
+  steps = [(r["kind"], r["step"]) for r in lines]
+  assert len(steps) == len(set(steps)), "metrics.jsonl has duplicated steps after resume"
+  straight_lines = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
+  loss = lambda rs: [(r["step"], r["loss"]) for r in rs if r["kind"] == "train"]
+  assert loss(lines) == loss(straight_lines)
+
+
+def test_rerunning_a_finished_run_changes_nothing(finished_run, setup):
+  workdir, summary = finished_run
+  _, data, model = setup
+  before = (workdir / "metrics.jsonl").read_text()
+  result = cli(workdir, data, model)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert (workdir / "metrics.jsonl").read_text() == before
+  assert json.loads((workdir / "summary.json").read_text())["best"] == summary["best"]
+
+
+def _error_line(result):
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+  return lines[0]
+
+
+def test_cli_errors_exit_2_and_keep_workdir(finished_run, setup, tmp_path):
+  workdir, _ = finished_run
+  _, data, model = setup
+  snapshot = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+  line = _error_line(cli(workdir, data, model, "--config.optimizer.learnig_rate=1e-3"))
+  assert "unknown config key 'optimizer.learnig_rate'" in line and "optimizer.learning_rate" in line
+  line = _error_line(cli(workdir, data, tmp_path / "no_such_model"))
+  assert "this workdir was trained with model.name_or_path=" in line
+  fresh = tmp_path / "fresh"
+  line = _error_line(cli(fresh, data, tmp_path / "no_such_model"))
+  assert "no_such_model does not exist" in line
+  line = _error_line(cli(fresh, data, model, "--config.data.train=/nonexistent/train.tsv"))
+  assert "/nonexistent/train.tsv" in line and not fresh.exists()
+  # The failed starts touched nothing in the finished run's workdir.
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == snapshot
+
+
+@pytest.mark.parametrize("content,match", [
+    ("sentence\tlabel\ngood film\t1\nbad film\n", r"train.tsv:3: .*"),
+    ("sentence\tlabel\ngood film\t1\n\t0\n", r"train.tsv:3: .*empty"),
+    ("text\tlabel\ngood film\t1\n", r"column 'sentence'.*"),
+])
+def test_data_errors_name_file_and_line(setup, tmp_path, content, match):
+  _, data, model = setup
+  (tmp_path / "train.tsv").write_text(content)
+  config = demo_config(data, model, **{"data.train": str(tmp_path / "train.tsv")})
+  with pytest.raises(UserError, match=match) as e:
+    trainer.Trainer(config, str(tmp_path / "w"))
+  assert "\n" not in str(e.value) and not (tmp_path / "w").exists()
+
+
+def test_unknown_eval_label(setup, tmp_path):
+  _, data, model = setup
+  (tmp_path / "dev.tsv").write_text("sentence\tlabel\ngood film\t1\nodd film\tneutral\n")
+  config = demo_config(data, model, **{"data.eval": str(tmp_path / "dev.tsv")})
+  with pytest.raises(UserError, match=r"dev.tsv:3: unknown label 'neutral'"):
+    trainer.Trainer(config, str(tmp_path / "w"))
+
+
+def test_num_labels_disagreeing_with_checkpoint_head(setup, tmp_path):
+  _, data, _ = setup
+  three = make_hf_classifier("bert", tmp_path / "three", num_labels=3)
+  for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+    (three / name).write_bytes((setup[2] / name).read_bytes())
+  # The tiny classifier's vocabulary is 120 ids; the data is tokenized with the MiniLM vocab, so only
+  # the head check matters here and must fire before anything runs.
+  with pytest.raises(UserError, match="has 3 labels but num_labels=2"):
+    trainer.Trainer(demo_config(data, three), str(tmp_path / "w"))
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(setup, tmp_path):
+  _, data, model = setup
+  config = demo_config(data, model, **{"optimizer.learning_rate": 1e30, "optimizer.clip_norm": 0.0,
+                                       "train.max_steps": 30, "train.log_every_steps": 1,
+                                       "train.checkpoint_every_steps": 1, "optimizer.warmup_fraction": 0.0})
+  with pytest.raises(UserError, match=r"non-finite loss .* at step \d+; stopped") as e:
+    trainer.train_and_evaluate(config, str(tmp_path / "w"))
+  bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
+  kept = load_run(tmp_path / "w", "latest")
+  assert kept.step == bad_step - 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(kept.params))
