@@ -1,0 +1,18 @@
+"""ALBERT fine-tuning (Lan et al. 2020 GLUE settings: lr 1e-5..3e-5, batch 32, warmup ~6-10%).
+
+  python -m bertjax.train --config configs/albert.py --workdir runs/albert
+"""
+
+from bertjax.config_base import base_config, parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, size="base")
+  c = base_config()
+  c.model.name_or_path = f"albert-{arg.size}-v2"
+  c.data.train = "tfds:glue/sst2:train"
+  c.data.eval = "tfds:glue/sst2:validation"
+  c.optimizer.learning_rate = 3e-5
+  c.optimizer.warmup_fraction = 0.06
+  c.train.num_epochs = 3.0
+  return c

