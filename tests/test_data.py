@@ -363,15 +363,17 @@ def check_batch(batch, tokenized, labels, shape):
     assert (allowed == ((owner[:, None] == owner[None, :]) & real)).all()
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("process_count", [1, 2])
-def test_epoch_covers_every_example_once(rte_pairs, packing, process_count):
+def test_epoch_covers_every_example_once(rte_pairs, packing, process_count, shuffle):
   tokenized, labels = rte_pairs
   hosts = [batching.Batcher(tokenized, labels, global_batch_size=24, max_length=64,
                             packing=packing, max_per_row=4, seed=3, process_index=p,
-                            process_count=process_count, row_multiple=process_count)
+                            process_count=process_count, row_multiple=2, shuffle=shuffle)
            for p in range(process_count)]
-  assert hosts[0].steps_per_epoch() == math.ceil(277 / 24)
+  if not packing:
+    assert hosts[0].steps_per_epoch() == math.ceil(277 / 24)
   seen = []
   per_host = [list(h.iterate(epoch=1)) for h in hosts]
   for step, batches in enumerate(zip(*per_host)):
@@ -380,11 +382,16 @@ def test_epoch_covers_every_example_once(rte_pairs, packing, process_count):
     for b, host in zip(batches, hosts):
       shape = b["input_ids"].shape + (host.max_per_row,)
       assert shape in host.shapes()
-      assert shape[0] % process_count == 0  # rows shard over the local devices
+      assert shape[0] % 2 == 0  # rows shard over the local devices
       check_batch(b, tokenized, labels, shape)
       seen += b["example_ids"][b["example_ids"] >= 0].tolist()
   assert sorted(seen) == list(range(len(tokenized)))
-  assert len(per_host[0]) == hosts[0].steps_per_epoch()
+  assert len(per_host[0]) == hosts[0].steps_in_epoch(1) == len(hosts[0].plan(1))
+  if packing:  # host p holds the p-th contiguous block of the step's rows, in plan order
+    assert len(hosts[0].shapes()) == 1
+    for step, batches in zip(hosts[0].plan(1), zip(*per_host)):
+      ids = np.concatenate([b["example_ids"].ravel() for b in batches])
+      assert ids[ids >= 0].tolist() == step
 
 
 def test_plan_is_deterministic_and_keeps_the_remainder():
@@ -399,42 +406,73 @@ def test_plan_is_deterministic_and_keeps_the_remainder():
   assert len(batching.plan_epoch(lengths, 10, 7, 2, True, drop_remainder=True)) == 10
 
 
+def test_packed_plan_is_deterministic(rte_pairs):
+  tokenized, labels = rte_pairs
+  make = lambda seed, **kw: batching.Batcher(tokenized, labels, global_batch_size=16, max_length=64,
+                                             packing=True, max_per_row=4, seed=seed, **kw)
+  a, b = make(5), make(5)
+  assert a.plan(2) == b.plan(2) and a.plan(3) == b.plan(3)
+  assert a.plan(2) != a.plan(3) and a.plan(2) != make(6).plan(2)
+  # Asking for another epoch in between (the cache) changes nothing.
+  first = a.plan(2)
+  a.plan(7)
+  assert a.plan(2) == first
+  # Host 1 of 2 computes the same global plan as host 0.
+  assert make(5, process_index=1, process_count=2).plan(2) == make(5, process_count=2).plan(2)
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_resume_gives_the_remaining_batches(rte_pairs, packing):
   tokenized, labels = rte_pairs
   batcher = batching.Batcher(tokenized, labels, global_batch_size=16, max_length=64,
                              packing=packing, max_per_row=3, seed=11)
   full = list(batcher.iterate(epoch=4))
-  resumed = list(batcher.iterate(epoch=4, start_step=7))
+  fresh = batching.Batcher(tokenized, labels, global_batch_size=16, max_length=64,
+                           packing=packing, max_per_row=3, seed=11)  # a restarted process
+  resumed = list(fresh.iterate(epoch=4, start_step=7))
   assert len(resumed) == len(full) - 7
   for a, b in zip(full[7:], resumed):
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
   assert not (full[0]["example_ids"] == list(batcher.iterate(epoch=5))[0]["example_ids"]).all()
 
 
-def test_packing_fills_rows(rte_pairs):
-  tokenized, _ = rte_pairs
-  rows = batching.pack(tokenized.lengths[:40].tolist(), 64, 3)
-  assert sorted(sum(rows, [])) == list(range(40))
-  assert all(len(r) <= 3 and tokenized.lengths[:40][r].sum() <= 64 for r in rows)
-  assert len(rows) >= math.ceil(tokenized.lengths[:40].sum() / 64)
+def test_pack_stream_fills_rows_in_stream_order():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(3, 40, 500)
+  order = rng.permutation(500)
+  steps = batching.pack_stream(lengths, order, rows=4, max_length=64, max_per_row=5, window=60)
+  flat = [i for step in steps for row in step for i in row]
+  assert sorted(flat) == list(range(500))
+  assert all(len(step) == 4 for step in steps)
+  assert all(len(row) <= 5 and lengths[row].sum() <= 64 for step in steps for row in step)
+  # Best fit over the window leaves little room: every step but the last is >= 90% full, and the
+  # epoch as a whole > 96% (first fit in stream order, no lookahead, fills 86% here).
+  fill = [lengths[sum(step, [])].sum() / (4 * 64) for step in steps]
+  assert min(fill[:-1]) >= 0.9 and sum(fill) / len(fill) > 0.96
+  # No example is taken more than `window` places ahead of its turn.
+  position = {int(i): p for p, i in enumerate(order)}
+  taken = 0
+  for step in steps:
+    ids = [i for row in step for i in row]
+    assert max(position[i] for i in ids) < taken + 60
+    taken += len(ids)
 
 
 def test_sst2_epoch_shapes_and_padding(sst2_train, capsys):
   tokenized, labels = sst2_train
-  fractions = {}
+  fractions, per_step = {}, {}
   for packing in (False, True):
     batcher = batching.Batcher(tokenized, labels, global_batch_size=32, max_length=128,
                                packing=packing, max_per_row=16, seed=0)
     shapes = collections.Counter(batcher.step_shapes(epoch=0))
-    assert sum(shapes.values()) == batcher.steps_per_epoch() == math.ceil(67349 / 32)
+    assert sum(shapes.values()) == batcher.steps_per_epoch() == len(batcher.plan(0))
     possible = {s[:2] for s in batcher.shapes()}
     assert set(shapes) <= possible
-    # Bound: one shape per power-of-two bucket, or two row counts per doubling of the batch.
-    bound = (2 * math.ceil(math.log2(32)) if packing
-             else math.ceil(math.log2(128 / 16)) + 1)
+    # Bound: one shape per power-of-two bucket unpacked, a single shape packed.
+    bound = 1 if packing else math.ceil(math.log2(128 / 16)) + 1
     assert len(possible) <= bound and len(shapes) <= bound
     fractions[packing] = batcher.padding_fraction(epoch=0)
+    per_step[packing] = len(tokenized) / batcher.steps_per_epoch()
     # The accounting matches the arrays actually built (first 200 steps).
     real = slots = 0
     for step, batch in enumerate(batcher.iterate(epoch=0)):
@@ -444,8 +482,12 @@ def test_sst2_epoch_shapes_and_padding(sst2_train, capsys):
       slots += batch["input_ids"].size
     assert real == batcher.global_real_tokens(epoch=0)[:200].sum()
     assert slots == sum(r * l for r, l in batcher.step_shapes(epoch=0)[:200])
-  assert int(batcher.global_real_tokens(0).sum()) == int(tokenized.lengths.sum())
-  assert fractions[True] < 0.25 < fractions[False]
+    assert int(batcher.global_real_tokens(0).sum()) == int(tokenized.lengths.sum())
+  assert per_step[False] == pytest.approx(32, abs=0.1)
+  # Packed: whole rows, so the mean is within half a row's worth of examples of the batch size.
+  assert abs(per_step[True] - 32) <= 0.5 * 128 / tokenized.lengths.mean() + 1
+  assert fractions[True] <= 0.03 < 0.25 < fractions[False]
   with capsys.disabled():
     print(f"\nSST-2 train, batch 32, max length 128: padding fraction unpacked "
-          f"{fractions[False]:.3f}, packed (16 per row) {fractions[True]:.3f}")
+          f"{fractions[False]:.4f}, stream-packed (16 per row) {fractions[True]:.4f}, "
+          f"{per_step[True]:.1f} examples per packed step")

@@ -17,16 +17,20 @@ from bertjax.errors import UserError
 Batch = dict[str, np.ndarray]
 
 
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+  """The order examples are visited in an epoch: a permutation from (seed, epoch), or 0..n-1."""
+  if shuffle:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+  return np.arange(n)
+
+
 def plan_epoch(lengths: Sequence[int] | np.ndarray, global_batch_size: int, seed: int,
                epoch: int, shuffle: bool, drop_remainder: bool = False) -> list[list[int]]:
   """Example indices of each global step; the last partial batch is kept unless dropped."""
   n = len(lengths)
   if global_batch_size < 1:
     raise UserError(f"global batch size must be >= 1, got {global_batch_size}")
-  if shuffle:
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-  else:
-    order = np.arange(n)
+  order = epoch_order(n, seed, epoch, shuffle)
   stop = n - n % global_batch_size if drop_remainder else n
   return [order[i:i + global_batch_size].tolist() for i in range(0, stop, global_batch_size)]
 
@@ -40,34 +44,56 @@ def length_buckets(max_length: int, smallest: int = 16) -> list[int]:
   return buckets + [max_length]
 
 
-def row_counts(max_rows: int, multiple: int = 1) -> list[int]:
-  """Allowed row counts of packed batches: 1, 2, 3, 4, 6, 8, 12, ... (x1.5 / x2 steps),
-  rounded up to `multiple` (e.g. the local device count), capped by max_rows."""
-  counts, b = set(), 1
-  while b < max_rows:
-    counts.update((b, b + b // 2) if b >= 2 else (b,))
-    b *= 2
-  counts.add(max_rows)
-  rounded = {-(-c // multiple) * multiple for c in counts if c <= max_rows}
-  return sorted(rounded)
+def stream_rows(global_batch_size: int, mean_length: float, max_length: int, multiple: int = 1) -> int:
+  """Rows of one packed global step that hold `global_batch_size` examples of the mean length,
+  rounded to the nearest multiple of `multiple` (at least one multiple)."""
+  rows = global_batch_size * mean_length / max_length
+  return max(multiple, multiple * round(rows / multiple))
 
 
-def pack(lengths: Sequence[int], max_length: int, max_per_row: int) -> list[list[int]]:
-  """First-fit decreasing: positions into `lengths` for each row, longest first."""
-  order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-  rows: list[list[int]] = []
-  room: list[int] = []
-  for i in order:
-    need = lengths[i]
-    for r, free in enumerate(room):
-      if free >= need and len(rows[r]) < max_per_row:
-        rows[r].append(i)
-        room[r] -= need
+def pack_stream(lengths: np.ndarray, order: Sequence[int], rows: int, max_length: int, max_per_row: int,
+                window: int) -> list[list[list[int]]]:
+  """Packs the example stream `order` into steps of `rows` rows of `max_length` tokens.
+
+  Each step looks at the oldest `window` waiting examples in stream order and puts each one into the
+  fullest row it still fits (best fit); an example that fits nowhere waits for the next step, where it
+  is among the first placed, so no example waits long. Returns rows of example indices per step; every
+  example of `order` appears exactly once, and only the last steps can be partly empty.
+  """
+  lengths = np.asarray(lengths, np.int64)
+  shortest = int(lengths[list(order)].min()) if len(order) else 1
+  steps: list[list[list[int]]] = []
+  waiting: list[int] = []
+  stream = iter(int(i) for i in order)
+  exhausted = False
+  while True:
+    while not exhausted and len(waiting) < window:
+      i = next(stream, None)
+      if i is None:
+        exhausted = True
+      else:
+        waiting.append(i)
+    if not waiting:
+      return steps
+    packed: list[list[int]] = [[] for _ in range(rows)]
+    room = [max_length] * rows  # 0 once a row has max_per_row examples
+    left: list[int] = []
+    for pos, i in enumerate(waiting):
+      need = int(lengths[i])
+      best = -1
+      for r in range(rows):
+        if need <= room[r] and (best < 0 or room[r] < room[best]):
+          best = r
+      if best < 0:
+        left.append(i)
+        continue
+      packed[best].append(i)
+      room[best] = room[best] - need if len(packed[best]) < max_per_row else 0
+      if max(room) < shortest:  # nothing else can fit: keep the rest for the next step
+        left.extend(waiting[pos + 1:])
         break
-    else:
-      rows.append([i])
-      room.append(max_length - need)
-  return rows
+    waiting = left
+    steps.append(packed)
 
 
 def host_slice(step: Sequence[int], process_index: int, process_count: int) -> list[int]:
@@ -84,26 +110,37 @@ def real_tokens(batch: Batch) -> int:
 
 
 class Batcher:
-  """Yields this host's numpy batches of tokenized examples, unpacked or packed."""
+  """Yields this host's numpy batches of tokenized examples, unpacked or packed.
+
+  Unpacked: `global_batch_size` examples per step, one per row, rows padded to a length bucket.
+  Packed (stream packing): every step has the same shape [rows, max_length], filled from the
+  shuffled example stream (`pack_stream`); rows are chosen from the mean example length so that
+  `global_batch_size` is the mean number of examples per step, and the number of steps per epoch
+  can differ by a step or two between epochs (`steps_in_epoch`).
+  """
 
   def __init__(self, tokenized: Tokenized, labels: np.ndarray | None, *,
                global_batch_size: int, max_length: int, packing: bool = False,
                max_per_row: int = 16, seed: int = 0, shuffle: bool = True,
                drop_remainder: bool = False, process_index: int = 0,
-               process_count: int = 1, row_multiple: int = 1):
+               process_count: int = 1, row_multiple: int = 1, lookahead: int = 256):
     """labels: int32 ids or float32 scores per example, None for unlabelled data.
 
-    row_multiple: packed row counts are rounded up to a multiple of it (the local device
-    count, so rows shard evenly); unpacked rows per host must already be a multiple.
+    row_multiple: rows per host must be a multiple of it (the local device count times the
+    accumulation steps, so rows shard evenly); packed row counts are rounded to it.
+    lookahead: packed steps choose among the next (examples per step + lookahead) examples.
+    drop_remainder: unpacked only (a packed epoch ends when the stream is used up).
     """
     if not 0 <= process_index < process_count:
       raise UserError(f"process index {process_index} not in [0, {process_count})")
-    if global_batch_size % process_count:
+    if global_batch_size < 1:
+      raise UserError(f"global batch size must be >= 1, got {global_batch_size}")
+    if not packing and global_batch_size % process_count:
       raise UserError(f"global batch size {global_batch_size} is not divisible by the "
                       f"{process_count} processes")
-    rows = global_batch_size // process_count
-    if not packing and rows % row_multiple:
-      raise UserError(f"{rows} rows per host are not divisible by {row_multiple} devices")
+    if not packing and (global_batch_size // process_count) % row_multiple:
+      raise UserError(f"{global_batch_size // process_count} rows per host are not divisible by "
+                      f"{row_multiple} devices")
     if max_per_row < 1:
       raise UserError(f"max_per_row must be >= 1, got {max_per_row}")
     longest = int(tokenized.lengths.max(initial=0))
@@ -122,46 +159,57 @@ class Batcher:
     self.max_per_row = max_per_row if packing else 1
     self.seed = seed
     self.shuffle = shuffle
-    self.drop_remainder = drop_remainder
+    self.drop_remainder = drop_remainder and not packing
     self.process_index = process_index
     self.process_count = process_count
-    self.rows_per_host = rows
     self.buckets = length_buckets(max_length)
-    self.row_counts = row_counts(rows, row_multiple)
+    if packing:
+      mean = float(self.lengths.mean()) if len(self.lengths) else 1.0
+      self.rows_per_step = stream_rows(global_batch_size, mean, max_length, row_multiple * process_count)
+      self.window = int(np.ceil(self.rows_per_step * max_length / mean)) + lookahead
+    else:
+      self.rows_per_step = global_batch_size
+    self.rows_per_host = self.rows_per_step // process_count
+    self._cached: tuple[int, list] | None = None  # (epoch, layout) of the last epoch asked for
+
+  def _epoch(self, epoch: int) -> list[list[list[int]]]:
+    """Global rows (example indices per row) of each step; unpacked rows hold one example."""
+    if self._cached is None or self._cached[0] != epoch:
+      if self.packing:
+        order = epoch_order(len(self.lengths), self.seed, epoch, self.shuffle)
+        steps = pack_stream(self.lengths, order, self.rows_per_step, self.max_length, self.max_per_row,
+                            self.window)
+      else:
+        steps = [[[i] for i in step] for step in plan_epoch(
+            self.lengths, self.global_batch_size, self.seed, epoch, self.shuffle, self.drop_remainder)]
+      self._cached = (epoch, steps)
+    return self._cached[1]
 
   def plan(self, epoch: int) -> list[list[int]]:
-    """Global example indices per step of an epoch."""
-    return plan_epoch(self.lengths, self.global_batch_size, self.seed, epoch, self.shuffle,
-                      self.drop_remainder)
+    """Global example indices of each step of an epoch (rows in order, host 0's rows first)."""
+    return [[i for row in step for i in row] for step in self._epoch(epoch)]
+
+  def steps_in_epoch(self, epoch: int) -> int:
+    return len(self._epoch(epoch))
 
   def steps_per_epoch(self) -> int:
-    n = len(self.lengths)
-    full, rest = divmod(n, self.global_batch_size)
-    return full + (1 if rest and not self.drop_remainder else 0)
+    """Steps of epoch 0: exact when unpacked, within a step or two of every epoch when packed."""
+    return self.steps_in_epoch(0)
 
   def shapes(self) -> list[tuple[int, int, int]]:
     """Every (rows, length, slots per row) a batch of this host can have."""
     if self.packing:
-      return [(r, self.max_length, self.max_per_row) for r in self.row_counts]
+      return [(self.rows_per_host, self.max_length, self.max_per_row)]
     return [(self.rows_per_host, b, 1) for b in self.buckets]
 
-  def _layout(self, step: list[int]) -> tuple[list[list[int]], int, int]:
+  def _layout(self, step: list[list[int]]) -> tuple[list[list[int]], int, int]:
     """This host's rows (example indices per row) and the step's (rows, length)."""
-    if not self.packing:
-      longest = int(self.lengths[step].max())
-      length = next(b for b in self.buckets if b >= longest)
-      mine = host_slice(step, self.process_index, self.process_count)
-      return [[i] for i in mine], self.rows_per_host, length
-    # Pack every host's share to learn the largest row count, so all hosts agree on it.
-    most, mine = 0, []
-    for p in range(self.process_count):
-      share = host_slice(step, p, self.process_count)
-      packed = pack(self.lengths[share].tolist(), self.max_length, self.max_per_row)
-      most = max(most, len(packed))
-      if p == self.process_index:
-        mine = [[share[j] for j in row] for row in packed]
-    rows = next(r for r in self.row_counts if r >= most)
-    return mine, rows, self.max_length
+    if self.packing:
+      start = self.rows_per_host * self.process_index
+      return step[start:start + self.rows_per_host], self.rows_per_host, self.max_length
+    longest = int(max(self.lengths[row[0]] for row in step))
+    length = next(b for b in self.buckets if b >= longest)
+    return host_slice(step, self.process_index, self.process_count), self.rows_per_host, length
 
   def _materialise(self, rows_ex: list[list[int]], rows: int, length: int) -> Batch:
     slots = self.max_per_row
@@ -195,12 +243,12 @@ class Batcher:
 
   def iterate(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
     """This host's batches of an epoch, from start_step (to resume mid-epoch)."""
-    for step in self.plan(epoch)[start_step:]:
+    for step in self._epoch(epoch)[start_step:]:
       yield self._materialise(*self._layout(step))
 
   def step_shapes(self, epoch: int) -> list[tuple[int, int]]:
     """(rows, length) of each step of an epoch, without building the arrays."""
-    return [self._layout(step)[1:] for step in self.plan(epoch)]
+    return [self._layout(step)[1:] for step in self._epoch(epoch)]
 
   def global_real_tokens(self, epoch: int) -> np.ndarray:
     """Real tokens per global step (all hosts), for tokens/sec."""
