@@ -20,6 +20,7 @@ its primary host writes the JSON files); `is_primary` only decides who logs.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from absl import logging
@@ -74,6 +75,7 @@ class Checkpoints:
   def __init__(self, directory: str, keep_best: bool = True,
                async_save: bool = True, *, is_primary: bool):
     self._is_primary = is_primary
+    directory = os.path.abspath(directory)  # orbax refuses relative paths at save time
     policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=1)]
     if keep_best:
       # reverse=True sorts by descending loss and BestN keeps the tail: the lowest.

@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
       log_every_steps=50,
       checkpoint_every_steps=0,  # 0 = at each eval and at the end
       early_stopping_patience=0,  # evals without a better eval loss before stopping; 0 = off
+      skip_nonfinite_steps=False,  # skip (and count) updates with a NaN/inf loss instead of stopping
       seed=0,
   )
   c.optimizer = dict(

@@ -40,9 +40,12 @@ def _sums(model: SequenceClassifier, params, batch, regression: bool, dropout_ke
 
 
 def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation, schedule: Callable,
-                    regression: bool, grad_accum_steps: int = 1) -> Callable:
+                    regression: bool, grad_accum_steps: int = 1, skip_nonfinite: bool = False) -> Callable:
   """The step: gradients summed over `grad_accum_steps` row chunks, then divided by the number of
-  real examples in the whole batch, so accumulation and partial batches give the exact mean."""
+  real examples in the whole batch, so accumulation and partial batches give the exact mean.
+
+  With `skip_nonfinite`, a step whose loss or gradients are not finite leaves params and optimizer
+  state unchanged (the step counter still advances) and reports `skipped` = 1."""
 
   def train_step(state: TrainState, batch: dict):
     step_key = jax.random.fold_in(state.rng, state.step)
@@ -66,8 +69,15 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    skipped = jnp.zeros((), jnp.int32)
+    if skip_nonfinite:
+      ok = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+      skipped = (~ok).astype(jnp.int32)
     metrics = {"loss": loss_sum / denom, "accuracy": correct / denom, "examples": count,
-               "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
+               "grad_norm": grad_norm, "learning_rate": schedule(state.step), "skipped": skipped}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 

@@ -15,6 +15,10 @@ from bertjax.errors import UserError, exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary (resumed if present).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_integer("heartbeat_timeout", 30, "Seconds after which the other processes give up on a dead one.")
 
 
 def _check_overrides(argv: list[str]) -> None:
@@ -48,8 +52,15 @@ def main(argv):
   if not flags.FLAGS.workdir:
     raise UserError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  from bertjax import sharding
+  sharding.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                                  flags.FLAGS.process_id, flags.FLAGS.heartbeat_timeout)
   from bertjax import trainer  # after flag parsing, so a bad flag fails fast
-  trainer.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+  except trainer.WriteFailed as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def run():

@@ -29,6 +29,15 @@ from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, TrainState, make_train_step
 
 
+class WriteFailed(Exception):
+  """The workdir could not be written (disk full, permissions): reported in one line, exit code 1."""
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e) or type(e).__name__
+  return text.splitlines()[0][:300]
+
+
 def log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, file=sys.stderr, flush=True)
@@ -115,12 +124,19 @@ class Trainer:
     self.model = SequenceClassifier(self.model_cfg)
     self.regression = self.data.task == "regression"
 
-    steps_per_epoch = self.data.train.batcher.steps_per_epoch()
-    self.steps_per_epoch = steps_per_epoch
-    self.total_steps = tc.max_steps or int(math.ceil(tc.num_epochs * steps_per_epoch))
+    # Packed epochs differ by a step or so (each epoch packs its own shuffle), so count them one by one.
+    batcher = self.data.train.batcher
+    self.steps_per_epoch = batcher.steps_in_epoch(0)
+    if tc.max_steps:
+      self.total_steps = tc.max_steps
+    else:
+      full = int(tc.num_epochs)
+      self.total_steps = sum(batcher.steps_in_epoch(e) for e in range(full))
+      self.total_steps += int(math.ceil((tc.num_epochs - full) * batcher.steps_in_epoch(full)))
+    if self.total_steps < 1:
+      raise UserError(f"train.num_epochs={tc.num_epochs} gives no training step")
     self.tx, self.schedule, self.effective_lr = optim.make_optimizer(
         config.optimizer, self.loaded.params, self.total_steps, tc.global_batch_size)
-    self.eval_every = tc.eval_every_steps or steps_per_epoch
     self.setup_seconds = time.perf_counter() - t0
 
   def _saved_label_names(self):
@@ -170,8 +186,12 @@ class Trainer:
     if latest is not None:
       state, meta = checkpoints.restore(latest, abstract)
       log(f"resumed from {self.workdir}/checkpoints/{latest} (epoch {meta['epoch']}, "
-          f"step {meta['step_in_epoch']} of {self.steps_per_epoch})")
-    self._write_run_files()
+          f"step {meta['step_in_epoch']} of {self.data.train.batcher.steps_in_epoch(meta['epoch'])})")
+    if latest is None:
+      try:
+        self._write_run_files()
+      except OSError as e:
+        raise WriteFailed(f"cannot write the run files in {self.workdir}: {e.strerror or e}") from None
     runlog = run_log.RunLog(str(self.workdir), self.is_primary)
     step = int(jax.device_get(state.step))
     runlog.truncate_after(step)
@@ -179,7 +199,8 @@ class Trainer:
 
     batch_sharding = sharding.batch_sharding(self.mesh)
     train_step = CompiledByShape(jax.jit(
-        make_train_step(self.model, self.tx, self.schedule, self.regression, tc.grad_accum_steps),
+        make_train_step(self.model, self.tx, self.schedule, self.regression, tc.grad_accum_steps,
+                        tc.skip_nonfinite_steps),
         in_shardings=(self.state_shardings, batch_sharding), out_shardings=(self.state_shardings, None),
         donate_argnums=(0,)), "train step", log)
     evaluator = Evaluator(self.model, self.mesh, self.state_shardings.params)
@@ -202,7 +223,11 @@ class Trainer:
         return
       fetched = jax.device_get([m for _, m in pending])
       for (s, _), m in zip(pending, fetched):
-        if not np.isfinite(m["loss"]):
+        stats["skipped_steps"] = stats.get("skipped_steps", 0) + int(m["skipped"])
+        if m["skipped"]:
+          log(f"step {s}: non-finite loss or gradients ({m['loss']}); update skipped "
+              f"({stats['skipped_steps']} so far)")
+        elif not np.isfinite(m["loss"]):
           raise UserError(f"non-finite loss ({m['loss']}) at step {s}; stopped. The last good checkpoint "
                           f"(step {checkpoints.latest_step()}) is kept in {self.workdir}/checkpoints")
       if upto_log:
@@ -242,13 +267,21 @@ class Trainer:
       meta_now = {"epoch": epoch, "step_in_epoch": step_in_epoch, "best": best, "last_eval": last_eval,
                   "evals_since_best": evals_since_best, "stats": stats, "label_names": self.data.label_names}
       metrics = {"eval_loss": eval_scalars["loss"]} if eval_scalars else None
-      checkpoints.save(step, state, meta_now, metrics=metrics)
+      try:
+        checkpoints.save(step, state, meta_now, metrics=metrics)
+      except ckpt_lib.CheckpointError as e:
+        raise WriteFailed(f"saving the checkpoint of step {step} failed ({_first_line(e)}); the previous "
+                               f"checkpoint (step {checkpoints.latest_step()}) is intact") from None
 
     try:
       while step < self.total_steps and stopped_by is None:
         batcher = self.data.train.batcher
         real_tokens = batcher.global_real_tokens(epoch)
         plan_sizes = [len(s) for s in batcher.plan(epoch)]
+        epoch_len = len(plan_sizes)
+        if step_in_epoch >= epoch_len:  # resumed exactly at an epoch's end
+          epoch, step_in_epoch = epoch + 1, 0
+          continue
         batches = Prefetch(batcher.iterate(epoch, step_in_epoch), lambda b: sharding.global_batch(b, batch_sharding))
         t_segment, compile_mark = time.perf_counter(), train_step.compile_seconds
         try:
@@ -261,10 +294,13 @@ class Trainer:
             stats["slots"] += int(np.prod(batch["input_ids"].shape))
             step += 1
             step_in_epoch += 1
-            if step_in_epoch == self.steps_per_epoch:
+            epoch_end = step_in_epoch == epoch_len
+            if epoch_end:
               epoch, step_in_epoch = epoch + 1, 0
             pending.append((step, metrics))
-            boundary = (step % self.eval_every == 0 or step == self.total_steps or
+            eval_due = (step % tc.eval_every_steps == 0) if tc.eval_every_steps else epoch_end
+            eval_due = eval_due or step == self.total_steps
+            boundary = (eval_due or step == self.total_steps or
                         (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0) or
                         stop.received is not None)
             if step % tc.log_every_steps == 0 or boundary:
@@ -278,12 +314,12 @@ class Trainer:
             if boundary:
               stats["wait_seconds"] += batches.wait_seconds
               batches.wait_seconds = 0.0
-              eval_scalars = do_eval() if (step % self.eval_every == 0 or step == self.total_steps) else None
+              eval_scalars = do_eval() if eval_due else None
               if eval_scalars is not None or step == self.total_steps or stop.received is not None or (
                   tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0):
                 save(eval_scalars)
               if eval_scalars is not None:
-                self._write_summary(step, epoch, best, last_eval, stats, evaluator, train_step)
+                self._write_summary(step, epoch + step_in_epoch / self.data.train.batcher.steps_in_epoch(epoch), best, last_eval, stats, evaluator, train_step)
               if tc.early_stopping_patience and evals_since_best >= tc.early_stopping_patience:
                 stopped_by = f"early stopping (eval loss did not improve for {evals_since_best} evals)"
               if stop.received is not None:
@@ -298,8 +334,12 @@ class Trainer:
       if self.data.eval is not None and (last_eval is None or last_eval["step"] != step):
         eval_scalars = do_eval()
         save(eval_scalars)
-      checkpoints.wait()
-      summary = self._write_summary(step, epoch, best, last_eval, stats, evaluator, train_step, done=True,
+      try:
+        checkpoints.wait()
+      except ckpt_lib.CheckpointError as e:
+        raise WriteFailed(f"writing the final checkpoint failed ({_first_line(e)}); the previous "
+                               f"checkpoint (step {checkpoints.latest_step()}) is intact") from None
+      summary = self._write_summary(step, epoch + step_in_epoch / self.data.train.batcher.steps_in_epoch(epoch), best, last_eval, stats, evaluator, train_step, done=True,
                                     stopped_by=stopped_by)
     finally:
       stop.restore()
@@ -328,7 +368,7 @@ class Trainer:
         f"{self.total_steps} steps, batch {tc.global_batch_size} on mesh {dict(self.mesh.shape)}"
         + (f", resuming at step {step}" if step else ""))
 
-  def _write_summary(self, step, epoch, best, last_eval, stats, evaluator, train_step, done=False,
+  def _write_summary(self, step, epochs_completed, best, last_eval, stats, evaluator, train_step, done=False,
                      stopped_by=None) -> dict:
     seconds = max(stats["train_seconds"], 1e-9)
     if not hasattr(self, "_peak"):
@@ -346,7 +386,7 @@ class Trainer:
         "global_batch_size": self.config.train.global_batch_size,
         "steps": step,
         "total_steps": self.total_steps,
-        "epochs_completed": step / self.steps_per_epoch,
+        "epochs_completed": epochs_completed,
         "train_examples_per_sec": stats["examples"] / seconds,
         "train_tokens_per_sec": tokens_per_sec,
         "padding_fraction": 1.0 - stats["tokens"] / max(stats["slots"], 1),
@@ -363,6 +403,7 @@ class Trainer:
         "train_seconds": stats["train_seconds"],
         "finished": done and stopped_by is None and step >= self.total_steps,
         "stopped_by": stopped_by,
+        "skipped_steps": stats.get("skipped_steps", 0),
     }
     if self.is_primary:
       run_log.write_summary(str(self.workdir), summary)

@@ -57,7 +57,7 @@ def test_grad_accumulation_4x8_equals_32(packing):
   cfg = tiny_cfg()
   full, m_full = one_step(cfg, batch, 1)
   accum, m_accum = one_step(cfg, batch, 4)
-  assert float(m_full["examples"]) == float(m_accum["examples"]) == 32
+  assert float(m_full["examples"]) == float(m_accum["examples"]) == batch["example_mask"].sum() >= 28
   np.testing.assert_allclose(float(m_full["loss"]), float(m_accum["loss"]), rtol=1e-6)
   # Adam normalises updates, so compare the gradient-sensitive first moment as well as the params.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), full.params, accum.params)
