@@ -11,8 +11,8 @@ import ml_collections
 from bertjax import checkpoint as ckpt_lib
 from bertjax import optim
 from bertjax.errors import UserError
-from bertjax.models import hf_weights
 from bertjax.models.config import EncoderConfig, from_hf_config
+from bertjax.models.heads import SequenceClassifier
 from bertjax.step import TrainState
 
 
@@ -49,6 +49,15 @@ def pick_step(checkpoints: ckpt_lib.Checkpoints, which: str) -> int:
   return int(which)
 
 
+def _abstract_params(model_cfg: EncoderConfig) -> dict:
+  """The params' shapes and dtypes, traced without computing (or compiling) an initialisation."""
+  model = SequenceClassifier(model_cfg)
+  ones = jnp.ones((1, 4), jnp.int32)
+  variables = jax.eval_shape(lambda k: model.init(k, ones, 0 * ones, ones, 0 * ones, jnp.zeros((1, 1), jnp.int32)),
+                             jax.random.key(0))
+  return dict(variables["params"])
+
+
 def load_run(workdir: str | Path, which: str = "best", dtype: str | None = None) -> Run:
   """Restores a run's params (on the default device) with what is needed to use them."""
   workdir = Path(workdir)
@@ -57,7 +66,7 @@ def load_run(workdir: str | Path, which: str = "best", dtype: str | None = None)
   hf_config = _read_json(workdir / "model" / "config.json")
   model_cfg = from_hf_config(hf_config, str(workdir / "model" / "config.json"))
   model_cfg = model_cfg.replace(dtype=dtype or config.model.dtype)
-  params = hf_weights.init_params(model_cfg)
+  params = _abstract_params(model_cfg)
   tx, _, _ = optim.make_optimizer(config.optimizer, params, 1000, config.train.global_batch_size)
   abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
                                                  rng=jax.random.PRNGKey(0)), params)

@@ -11,7 +11,7 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -22,6 +22,10 @@ TASKS = ("classification", "regression")
 QUOTINGS = ("auto", "none", "csv")
 _DELIMITERS = {".tsv": "\t", ".txt": "\t", ".csv": ","}
 _TFDS_RE = re.compile(r"^tfds:([^:]+):([^:]+)$")
+
+
+class _ColumnError(UserError):
+  """A column that no row can have: never skipped as a bad row."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +52,13 @@ class Examples:
 
 def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
                   label_field: Field | None = None, *, has_header: bool = True,
-                  task: str = "classification", quoting: str = "auto") -> Examples:
-  """Reads examples from a local file (by extension) or a `tfds:NAME[/CONFIG]:SPLIT` spec."""
+                  task: str = "classification", quoting: str = "auto",
+                  on_bad_row: Callable[[str], None] | None = None) -> Examples:
+  """Reads examples from a local file (by extension) or a `tfds:NAME[/CONFIG]:SPLIT` spec.
+
+  A malformed row raises a UserError naming its line; with `on_bad_row`, the message is passed
+  to it instead and the row skipped (a file the csv reader cannot parse still fails).
+  """
   fields = _check_fields(text_fields)
   label_field = None if label_field == "" else label_field
   if task not in TASKS:
@@ -83,7 +92,7 @@ def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
   else:
     raise UserError(f"unsupported data file type {suffix!r} for {path}: "
                     "use .tsv, .txt (tab-separated), .csv or .jsonl")
-  return _collect(str(path), rows, header, fields, label_field, task)
+  return _collect(str(path), rows, header, fields, label_field, task, on_bad_row)
 
 
 def read_label_names(path: str | Path) -> list[str]:
@@ -238,7 +247,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
     try:
       yield line_no, json.loads(line)
     except json.JSONDecodeError as e:
-      raise UserError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+      yield line_no, UserError(f"{path}:{line_no}: invalid JSON ({e.msg})")
 
 
 # ----- rows to examples -----------------------------------------------------------------
@@ -257,51 +266,67 @@ def _column(field: Field, header: list[str] | None, width: int, where: str) -> i
   if isinstance(field, int) or (header is None and str(field).isdigit()):
     index = int(field)
     if not 0 <= index < width:
-      raise UserError(f"column index {index} out of range in {where} (rows have {width} fields)")
+      raise _ColumnError(f"column index {index} out of range in {where} (rows have {width} fields)")
     return index
   if header is None:
-    raise UserError(f"column {field!r} given by name but {where} has no header "
+    raise _ColumnError(f"column {field!r} given by name but {where} has no header "
                     "(set data.has_header or use column indices)")
   if field not in header:
-    raise UserError(f"column {field!r} not in {where}; columns: {', '.join(header)}")
+    raise _ColumnError(f"column {field!r} not in {where}; columns: {', '.join(header)}")
   return header.index(field)
 
 
 def _collect(source: str, rows: Iterator[tuple[int, Any]], header: list[str] | None,
-             fields: tuple[Field, ...], label_field: Field | None, task: str) -> Examples:
+             fields: tuple[Field, ...], label_field: Field | None, task: str,
+             on_bad_row: Callable[[str], None] | None = None) -> Examples:
   texts, labels, lines = [], [], []
   getter = None
   width = len(header) if header is not None else None
   for line, row in rows:
-    where = f"{source}:{line}"
-    if isinstance(row, dict):
-      values = [_json_value(row, f, where) for f in fields]
-      raw_label = None if label_field is None else _json_value(row, label_field, where)
-    else:
-      if not isinstance(row, list):
-        raise UserError(f"{where}: expected a JSON object or array, got {type(row).__name__}")
-      if width is None:
-        width = len(row)
-      if len(row) != width:
-        raise UserError(f"{where}: expected {width} fields, found {len(row)} (malformed row)")
-      if getter is None:
-        text_cols = [_column(f, header, width, source) for f in fields]
-        label_col = None if label_field is None else _column(label_field, header, width, source)
-        getter = (text_cols, label_col)
-      values = [row[c] for c in getter[0]]
-      raw_label = None if getter[1] is None else row[getter[1]]
-    for value in values:
-      if not isinstance(value, str):
-        raise UserError(f"{where}: text field is {type(value).__name__}, expected a string")
-      if not value.strip():
-        raise UserError(f"{where}: empty text")
-    texts.append(tuple(values))
-    # a null label (JSON null, tfds -1) marks an unlabelled example
-    labels.append(None if raw_label is None else _parse_label(raw_label, task, where))
+    try:
+      if isinstance(row, UserError):
+        raise row
+      getter, width, example = _row_example(source, line, row, header, fields, label_field, task, getter, width)
+    except UserError as e:
+      if on_bad_row is None or isinstance(e, _ColumnError):
+        raise
+      on_bad_row(str(e))
+      continue
+    texts.append(example[0])
+    labels.append(example[1])
     lines.append(line)
   if not texts:
     raise UserError(f"{source}: no data rows")
   return Examples(texts, labels, lines, source)
+
+
+def _row_example(source, line, row, header, fields, label_field, task, getter, width):
+  """(getter, width, (texts, label)) of one row; the column getter and width are fixed by the first row."""
+  where = f"{source}:{line}"
+  if isinstance(row, dict):
+    values = [_json_value(row, f, where) for f in fields]
+    raw_label = None if label_field is None else _json_value(row, label_field, where)
+  else:
+    if not isinstance(row, list):
+      raise UserError(f"{where}: expected a JSON object or array, got {type(row).__name__}")
+    if width is None:
+      width = len(row)
+    if len(row) != width:
+      raise UserError(f"{where}: expected {width} fields, found {len(row)} (malformed row)")
+    if getter is None:
+      text_cols = [_column(f, header, width, source) for f in fields]
+      label_col = None if label_field is None else _column(label_field, header, width, source)
+      getter = (text_cols, label_col)
+    values = [row[c] for c in getter[0]]
+    raw_label = None if getter[1] is None else row[getter[1]]
+  for value in values:
+    if not isinstance(value, str):
+      raise UserError(f"{where}: text field is {type(value).__name__}, expected a string")
+    if not value.strip():
+      raise UserError(f"{where}: empty text")
+  # a null label (JSON null, tfds -1) marks an unlabelled example
+  label = None if raw_label is None else _parse_label(raw_label, task, where)
+  return getter, width, (tuple(values), label)
 
 
 def _json_value(row: dict, field: Field, where: str) -> Any:
