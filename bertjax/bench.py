@@ -1,0 +1,423 @@
+"""Training and eval throughput of bertjax next to a Hugging Face PyTorch loop, in one run.
+
+  python -m bertjax.bench --config configs/minilm_sst2.py --peer torch --json runs/bench.json \
+      --config.data.train=../shared/data/sst2/train.tsv --config.data.eval=../shared/data/sst2/dev.tsv \
+      [--steps 150] [--warmup 10] [--repeats 3] [--profile]
+
+Two worker processes hold the two trainers: bertjax (the trainer's own data pipeline, optimizer,
+sharding and jitted train step from `bertjax.step`) and `bertjax.peer_torch`. They take turns, so
+only one computes at a time: each round runs one block of `--steps` bertjax steps, then the torch
+loop on exactly the same examples with dynamic padding, then with length grouping (rounds alternate
+which side goes first); the report takes the median block. bertjax's steps decide the examples (with
+packing, `global_batch_size` examples per step on average); torch batches them `global_batch_size`
+at a time in the same order. Eval runs the whole eval split through bertjax's jitted Evaluator and
+through torch no_grad inference with dynamic padding, once per round. MFU uses `bertjax.flops` and
+a matmul peak measured by the bertjax worker in the same run. `--profile` adds where a bertjax step's
+time goes (step variants timed on one fixed batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from bertjax.errors import UserError, exit_on_user_error
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_enum("peer", "torch", ["torch"], "The trainer to compare with.")
+flags.DEFINE_string("json", None, "Where to write the results.")
+flags.DEFINE_integer("steps", 150, "bertjax train steps per measured block.")
+flags.DEFINE_integer("warmup", 10, "Untimed bertjax steps (and their examples in torch) before the blocks.")
+flags.DEFINE_integer("repeats", 3, "Measured rounds; the report gives the median block.")
+flags.DEFINE_bool("eval", True, "Also time eval over data.eval (if set).")
+flags.DEFINE_bool("profile", False, "Also time variants of the bertjax step on one batch.")
+flags.DEFINE_string("workdir", None, "Token cache and plan files (default: a temporary directory).")
+flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run as a worker process.")
+FLAGS = flags.FLAGS
+
+PREFIX = "BENCH "  # result lines on a worker's stdout start with this; anything else is passed on
+
+
+def _reply(obj: dict) -> None:
+  print(PREFIX + json.dumps(obj), flush=True)
+
+
+def _ids_digest(ids) -> str:
+  """Order-free fingerprint of a set of example ids, to check both sides saw the same examples."""
+  return hashlib.sha1(",".join(map(str, sorted(int(i) for i in ids))).encode()).hexdigest()[:16]
+
+
+def _serve(handlers: dict) -> None:
+  """Answers one JSON command per stdin line until 'quit'."""
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "quit":
+      return
+    _reply(handlers[cmd["op"]](**cmd.get("args", {})))
+
+
+# ----- the bertjax worker --------------------------------------------------------------------
+
+
+def _positions(batcher, count: int) -> list[tuple[int, int]]:
+  """(epoch, step) of the first `count` steps of training, running on through epochs."""
+  out, epoch = [], 0
+  while len(out) < count:
+    out += [(epoch, s) for s in range(batcher.steps_in_epoch(epoch))][:count - len(out)]
+    epoch += 1
+  return out
+
+
+def _batches(batcher, positions: list[tuple[int, int]]):
+  """This host's batches at contiguous positions (possibly across an epoch boundary)."""
+  for epoch, group in itertools.groupby(positions, key=lambda p: p[0]):
+    group = list(group)
+    yield from itertools.islice(batcher.iterate(epoch, group[0][1]), len(group))
+
+
+def jax_worker(config, workdir: Path) -> None:
+  import jax
+  from bertjax import flops, sharding
+  from bertjax.data.prefetch import Prefetch
+  from bertjax.evaluate import Evaluator
+  from bertjax.step import CompiledByShape, make_train_step
+  from bertjax.trainer import Trainer
+
+  tr = Trainer(config, str(workdir))
+  tc = config.train
+  state, _ = tr._init_state()
+  bs = sharding.batch_sharding(tr.mesh)
+  step_fn = CompiledByShape(jax.jit(
+      make_train_step(tr.model, tr.tx, tr.schedule, tr.regression, tc.grad_accum_steps,
+                      tc.get("skip_nonfinite_steps", False)),
+      in_shardings=(tr.state_shardings, bs), out_shardings=(tr.state_shardings, None), donate_argnums=(0,)),
+      "train step")
+  batcher = tr.data.train.batcher
+  positions = _positions(batcher, FLAGS.warmup + FLAGS.repeats * FLAGS.steps)
+  ids_at = lambda pos: [i for e, s in pos for i in batcher.plan(e)[s]]
+  blocks = [positions[FLAGS.warmup + r * FLAGS.steps:FLAGS.warmup + (r + 1) * FLAGS.steps]
+            for r in range(FLAGS.repeats)]
+  plan = {"warmup": ids_at(positions[:FLAGS.warmup]), "blocks": [ids_at(b) for b in blocks],
+          "total_steps": tr.total_steps}  # the torch schedule's length
+  (workdir / "plan.json").write_text(json.dumps(plan))
+
+  def run(pos):
+    nonlocal state
+    compiled = step_fn.compile_seconds
+    t = time.perf_counter()
+    batches = Prefetch(_batches(batcher, pos), lambda b: sharding.global_batch(b, bs))
+    try:
+      for batch in batches:
+        state, metrics = step_fn(state, batch)
+      jax.block_until_ready((state, metrics))
+    finally:
+      batches.close()
+    return time.perf_counter() - t - (step_fn.compile_seconds - compiled), float(metrics["loss"])
+
+  run(positions[:max(FLAGS.warmup, 1)])
+  evaluator = Evaluator(tr.model, tr.mesh, tr.state_shardings.params)
+  eval_split = tr.data.eval if FLAGS.eval else None
+  if eval_split is not None:
+    evaluator.logits(state.params, eval_split.batcher, len(eval_split.labels))  # compiles
+  peak = flops.measure_matmul_peak()
+
+  def train(block: int) -> dict:
+    seconds, loss = run(blocks[block])
+    ids = plan["blocks"][block]
+    lengths = batcher.lengths[ids]
+    slots = sum(r * l for e, s in blocks[block] for r, l in [batcher.step_shapes(e)[s]]) * batcher.process_count
+    return {"seconds": seconds, "examples": len(ids), "tokens": int(lengths.sum()), "slots": slots,
+            "steps": len(blocks[block]), "flops": flops.train_flops(tr.model_cfg, lengths), "ids": _ids_digest(ids),
+            "last_loss": loss, "compilations": step_fn.num_compilations}
+
+  def evaluate() -> dict:
+    compiled = evaluator.step.compile_seconds
+    t = time.perf_counter()
+    evaluator.logits(state.params, eval_split.batcher, len(eval_split.labels))
+    seconds = time.perf_counter() - t - (evaluator.step.compile_seconds - compiled)
+    return {"seconds": seconds, "examples": len(eval_split.labels)}
+
+  def profile() -> dict:
+    batch = sharding.global_batch(next(_batches(batcher, blocks[0][:1])), bs)
+    return profile_step(tr, state, batch)
+
+  _reply({"ready": True, "matmul_peak_flops": peak, "rows_per_step": batcher.rows_per_step,
+          "max_length": batcher.max_length, "packing": batcher.packing,
+          "padding_fraction_epoch0": batcher.padding_fraction(0),
+          "steps_per_epoch": batcher.steps_per_epoch(), "num_train_examples": len(batcher.lengths),
+          "mean_train_length": float(batcher.lengths.mean()),
+          "eval_padding_fraction": eval_split.batcher.padding_fraction(0) if eval_split else None,
+          "model": {"layers": tr.model_cfg.num_layers, "hidden": tr.model_cfg.hidden_size,
+                    "heads": tr.model_cfg.num_heads, "intermediate": tr.model_cfg.intermediate_size},
+          "devices": jax.device_count(), "jax": jax.__version__})
+  _serve({"train": train, "eval": evaluate, "profile": profile,
+          "peak": lambda: {"matmul_peak_flops": flops.measure_matmul_peak()}})
+
+
+def profile_step(tr, state, batch, reps: int = 20) -> dict:
+  """Median milliseconds of variants of the train step on one batch: where the step's time goes."""
+  import jax
+  import numpy as np
+  import optax
+  from bertjax import flops
+  from bertjax.models.heads import SequenceClassifier
+  from bertjax.step import _sums, make_eval_step, make_train_step
+
+  def timed(fn, *args) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+  cfg, reg, accum = tr.model_cfg, tr.regression, tr.config.train.grad_accum_steps
+  quiet = SequenceClassifier(cfg.replace(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0))
+  key = jax.random.fold_in(state.rng, 0)
+  grad = lambda model, k: jax.jit(jax.value_and_grad(lambda p: _sums(model, p, batch, reg, k)[0]))
+  train = lambda model: jax.jit(make_train_step(model, tr.tx, tr.schedule, reg, accum))
+  out = {"batch_shape": list(batch["input_ids"].shape), "reps": reps, "ms": {}}
+  ms = out["ms"]
+  ms["train_step"] = timed(train(tr.model), state, batch)
+  ms["train_step_no_dropout"] = timed(train(quiet), state, batch)
+  ms["forward_backward"] = timed(grad(tr.model, key), state.params)
+  ms["forward_backward_no_dropout"] = timed(grad(quiet, None), state.params)
+  ms["forward_train_mode"] = timed(jax.jit(lambda p: _sums(tr.model, p, batch, reg, key)[0]), state.params)
+  ms["forward_eval"] = timed(jax.jit(make_eval_step(tr.model)), state.params, batch)
+  update = jax.jit(lambda g, o, p: optax.apply_updates(p, tr.tx.update(g, o, p)[0]))
+  ms["optimizer_update"] = timed(update, state.params, state.opt_state, state.params)
+  # The random bits of every dropout mask in the model, drawn alone.
+  r, l = batch["input_ids"].shape
+  h, n = cfg.hidden_size, cfg.num_heads
+  shapes = [(r, l, cfg.emb_size)] + [(r, n, l, l), (r, l, h), (r, l, h)] * cfg.num_layers
+  bits = jax.jit(lambda k: [jax.random.bernoulli(jax.random.fold_in(k, i), 0.9, s) for i, s in enumerate(shapes)])
+  ms["dropout_masks_alone"] = timed(bits, key)
+  previous = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", "unsafe_rbg")  # XLA's RngBitGenerator instead of threefry
+  try:
+    ms["train_step_unsafe_rbg"] = timed(train(tr.model), state.replace(rng=jax.random.PRNGKey(0)), batch)
+    ms["dropout_masks_alone_unsafe_rbg"] = timed(bits, jax.random.PRNGKey(0))
+  finally:
+    jax.config.update("jax_default_prng_impl", previous)
+  lengths = tr.data.train.batcher.lengths[np.asarray(batch["example_ids"])[np.asarray(batch["example_ids"]) >= 0]]
+  out["model_train_flops"] = flops.train_flops(cfg, lengths)
+  cost = train(tr.model).lower(state, batch).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out["xla_flops"] = float(cost.get("flops", float("nan"))) if cost else None
+  return out
+
+
+# ----- the torch worker ----------------------------------------------------------------------
+
+
+def torch_worker(config, workdir: Path) -> None:
+  import torch
+  from bertjax.data import pipeline
+  from bertjax.models import hf_weights
+  from bertjax.models.config import from_hf_config
+  from bertjax.peer_torch import TorchPeer, in_order, length_grouped
+
+  folder = hf_weights.resolve_folder(config.model.name_or_path)
+  base_cfg = from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json"))
+  tc = config.train
+  eval_batch = tc.eval_batch_size or tc.global_batch_size
+  # Same reading and (cached) tokenization as the bertjax worker; only the token ids are used here.
+  data = pipeline.build(config.data, pipeline.load_tokenizer(folder), base_cfg, workdir / "cache",
+                        global_batch_size=tc.global_batch_size, eval_batch_size=eval_batch, seed=tc.seed,
+                        process_index=0, process_count=1, row_multiple=1)
+  plan = json.loads((workdir / "plan.json").read_text())
+  train_tok, train_labels = data.train.batcher.tokenized, data.train.labels
+  lengths = train_tok.lengths
+  peer = TorchPeer(folder, data.num_labels, config.optimizer, plan["total_steps"], seed=tc.seed)
+  if plan["warmup"]:
+    peer.train(train_tok, train_labels, in_order(plan["warmup"], tc.global_batch_size))
+  eval_split = data.eval if FLAGS.eval else None
+  if eval_split is not None:
+    peer.evaluate(eval_split.batcher.tokenized, eval_batch)
+
+  def train(block: int, grouped: bool) -> dict:
+    ids = plan["blocks"][block]
+    batches = (length_grouped(ids, lengths, tc.global_batch_size) if grouped
+               else in_order(ids, tc.global_batch_size))
+    out = peer.train(train_tok, train_labels, batches)
+    return {**out, "examples": len(ids), "tokens": int(lengths[ids].sum()),
+            "ids": _ids_digest(i for b in batches for i in b)}
+
+  def evaluate() -> dict:
+    return peer.evaluate(eval_split.batcher.tokenized, eval_batch)
+
+  _reply({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+          "interop_threads": torch.get_num_interop_threads()})
+  _serve({"train": train, "eval": evaluate})
+
+
+# ----- the driver ----------------------------------------------------------------------------
+
+
+class Worker:
+  """A worker process; `call` sends one command and waits for its result line."""
+
+  def __init__(self, kind: str, workdir: Path):
+    passed, skip = [], False
+    for a in sys.argv[1:]:  # the driver's own flags stay here, in `--f=v` or `--f v` form
+      own = a.split("=")[0] in ("--worker", "--workdir", "--json")
+      if not (skip or own):
+        passed.append(a)
+      skip = own and "=" not in a
+    cmd = [sys.executable, "-m", "bertjax.bench", *passed, f"--worker={kind}", f"--workdir={workdir}"]
+    self.kind = kind
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.ready = self._read()
+
+  def _read(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(PREFIX):
+        return json.loads(line[len(PREFIX):])
+      sys.stderr.write(line)
+    raise UserError(f"the {self.kind} worker exited with code {self.proc.wait()} (its errors are above)")
+
+  def call(self, op: str, **args) -> dict:
+    self.proc.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+      self.proc.stdin.close()
+      self.proc.wait(timeout=60)
+
+
+def _summary(blocks: list[dict], peak: float | None = None) -> dict:
+  """Medians over blocks of examples/s and tokens/s, the padding share, and MFU if FLOPs are known."""
+  median = lambda key: statistics.median(b[key] / b["seconds"] for b in blocks)
+  out = {"train_examples_per_sec": median("examples"), "train_tokens_per_sec": median("tokens"),
+         "padding_fraction": 1.0 - sum(b["tokens"] for b in blocks) / sum(b["slots"] for b in blocks),
+         "block_seconds": [b["seconds"] for b in blocks],
+         "steps_per_block": blocks[0]["steps"], "examples_per_block": [b["examples"] for b in blocks]}
+  if peak and "flops" in blocks[0]:
+    out["mfu"] = median("flops") / peak
+  return out
+
+
+def drive(config, workdir: Path) -> dict:
+  if config.data.eval == "" and FLAGS.eval:
+    FLAGS.eval = False
+  t0, load_before = time.time(), os.getloadavg()
+  jx = Worker("jax", workdir)
+  th = None
+  try:
+    th = Worker("torch", workdir)
+    runs = {"bertjax": [], "torch_dynamic": [], "torch_grouped": []}
+    evals = {"bertjax": [], "torch": []}
+    for r in range(FLAGS.repeats):
+      order = ["jax", "torch", "grouped"] if r % 2 == 0 else ["grouped", "torch", "jax"]
+      for who in order:
+        name = {"jax": "bertjax", "torch": "torch_dynamic", "grouped": "torch_grouped"}[who]
+        w, args = (jx, {}) if who == "jax" else (th, {"grouped": who == "grouped"})
+        runs[name].append(w.call("train", block=r, **args))
+        b = runs[name][-1]
+        print(f"round {r + 1}/{FLAGS.repeats} {name}: {b['examples'] / b['seconds']:.1f} examples/s "
+              f"({b['seconds']:.1f}s, load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+      if FLAGS.eval:
+        for name, w in ((("bertjax", jx), ("torch", th)) if r % 2 == 0 else (("torch", th), ("bertjax", jx))):
+          evals[name].append(w.call("eval"))
+    peak = max(jx.ready["matmul_peak_flops"], jx.call("peak")["matmul_peak_flops"])
+    profile = jx.call("profile") if FLAGS.profile else None
+  finally:
+    jx.close()
+    if th is not None:
+      th.close()
+  same = all(a["ids"] == b["ids"] == c["ids"] for a, b, c in
+             zip(runs["bertjax"], runs["torch_dynamic"], runs["torch_grouped"]))
+  result = {
+      "command": " ".join(["python -m bertjax.bench", *sys.argv[1:]]),
+      "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),
+      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jx.ready["jax"],
+                  "torch": th.ready["torch"], "torch_threads": th.ready["threads"],
+                  "torch_interop_threads": th.ready["interop_threads"],
+                  # Other work on the machine skews both sides; the 1-minute load should stay near 1.
+                  "load_average_before": load_before, "load_average_after": os.getloadavg()},
+      "setup": {"model_name_or_path": config.model.name_or_path, "model": jx.ready["model"],
+                "train": config.data.train, "eval": config.data.eval if FLAGS.eval else None,
+                "max_length": config.data.max_length, "global_batch_size": config.train.global_batch_size,
+                "packing": config.data.packing, "rows_per_step": jx.ready["rows_per_step"],
+                "steps_per_block": FLAGS.steps, "warmup_steps": FLAGS.warmup, "repeats": FLAGS.repeats,
+                "train_padding_fraction_epoch0": jx.ready["padding_fraction_epoch0"],
+                "mean_train_length": jx.ready["mean_train_length"]},
+      "matmul_peak_flops": peak,
+      "same_examples": same,
+      "bertjax": _summary(runs["bertjax"], peak),
+      "torch_dynamic": _summary(runs["torch_dynamic"]),
+      "torch_grouped": _summary(runs["torch_grouped"]),
+      "blocks": runs,
+  }
+  flops_per_example = statistics.median(b["flops"] / b["examples"] for b in runs["bertjax"])
+  for name in ("torch_dynamic", "torch_grouped"):  # same examples, same model FLOPs
+    result[name]["mfu"] = result[name]["train_examples_per_sec"] * flops_per_example / peak
+  jax_eps = result["bertjax"]["train_examples_per_sec"]
+  result["ratios"] = {"train_vs_torch_dynamic": jax_eps / result["torch_dynamic"]["train_examples_per_sec"],
+                      "train_vs_torch_grouped": jax_eps / result["torch_grouped"]["train_examples_per_sec"]}
+  if FLAGS.eval:
+    for name, key in (("bertjax", "bertjax"), ("torch", "torch_dynamic")):
+      result[key]["eval_examples_per_sec"] = statistics.median(e["examples"] / e["seconds"] for e in evals[name])
+    result["bertjax"]["eval_padding_fraction"] = jx.ready["eval_padding_fraction"]
+    result["ratios"]["eval_vs_torch"] = (result["bertjax"]["eval_examples_per_sec"]
+                                         / result["torch_dynamic"]["eval_examples_per_sec"])
+    result["evals"] = evals
+  if profile is not None:
+    result["profile"] = profile
+  return result
+
+
+def _print_table(r: dict) -> None:
+  rows = [("bertjax", r["bertjax"]), ("torch dynamic padding", r["torch_dynamic"]),
+          ("torch group_by_length", r["torch_grouped"])]
+  print(f"{'':24s} {'train ex/s':>10s} {'tokens/s':>9s} {'padding':>8s} {'MFU':>6s} {'eval ex/s':>10s}")
+  for name, s in rows:
+    ev = s.get("eval_examples_per_sec")
+    print(f"{name:24s} {s['train_examples_per_sec']:10.1f} {s['train_tokens_per_sec']:9.0f} "
+          f"{s['padding_fraction']:8.1%} {s['mfu']:6.1%} {'' if ev is None else f'{ev:10.1f}'}")
+  print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items())
+        + f"; same examples on both sides: {r['same_examples']}")
+
+
+@exit_on_user_error
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  if FLAGS.steps < 1 or FLAGS.repeats < 1 or FLAGS.warmup < 0:
+    raise UserError("--steps and --repeats must be >= 1 and --warmup >= 0")
+  if FLAGS.worker is not None:
+    (jax_worker if FLAGS.worker == "jax" else torch_worker)(config, Path(FLAGS.workdir))
+    return
+  if not FLAGS.json:
+    raise UserError("--json OUT.json is required")
+  if FLAGS.workdir:
+    result = drive(config, Path(FLAGS.workdir))
+  else:
+    with tempfile.TemporaryDirectory(prefix="bertjax_bench_") as tmp:
+      result = drive(config, Path(tmp))
+  out = Path(FLAGS.json)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2) + "\n")
+  _print_table(result)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

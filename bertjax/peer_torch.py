@@ -1,0 +1,108 @@
+"""The Hugging Face PyTorch peer that `bertjax.bench` measures bertjax against.
+
+A plain transformers training loop, as a user would write it: AutoModelForSequenceClassification
+from the same folder, torch AdamW with the same hyper-parameters (no decay on biases and LayerNorm
+weights, linear warmup then linear decay, grad-norm clipping), per-batch dynamic padding (what
+DataCollatorWithPadding does) or `group_by_length` batches (transformers' LengthGroupedSampler:
+megabatches of 50 batches sorted by length, longest batch first). torch keeps its own thread
+settings. This is the only bertjax module that imports torch.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bertjax.data.tokenize import Tokenized
+from bertjax.errors import UserError
+
+MEGABATCH = 50  # batches per megabatch, transformers' default in get_length_grouped_indices
+
+
+def length_grouped(ids: list[int], lengths: np.ndarray, batch_size: int) -> list[list[int]]:
+  """Batches of `ids` (already shuffled) the way transformers' LengthGroupedSampler forms them."""
+  size = MEGABATCH * batch_size
+  mega = [sorted(ids[i:i + size], key=lambda j: -int(lengths[j])) for i in range(0, len(ids), size)]
+  batches = [m[i:i + batch_size] for m in mega for i in range(0, len(m), batch_size)]
+  # The longest batch goes first, so an out-of-memory error shows at once (kept for fidelity).
+  longest = max(range(len(batches)), key=lambda b: int(lengths[batches[b][0]]))
+  batches[0], batches[longest] = batches[longest], batches[0]
+  return batches
+
+
+def in_order(ids: list[int], batch_size: int) -> list[list[int]]:
+  return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+
+
+class TorchPeer:
+  """Model, optimizer and schedule; `train` and `evaluate` run timed blocks on given examples."""
+
+  def __init__(self, folder: Path, num_labels: int, optimizer_cfg, total_steps: int, seed: int = 0):
+    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+    oc = optimizer_cfg
+    if oc.name != "adamw" or oc.schedule != "linear" or oc.layerwise_lr_decay != 1.0 or oc.lr_scaling != "none":
+      raise UserError("the torch peer implements adamw with a linear schedule, no layer-wise decay and no LR "
+                      "scaling; set optimizer.name=adamw, schedule=linear, layerwise_lr_decay=1, lr_scaling=none")
+    torch.manual_seed(seed)
+    self.model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels)
+    self.model.train()
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    named = list(self.model.named_parameters())
+    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": oc.weight_decay},
+              {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
+    self.optimizer = torch.optim.AdamW(groups, lr=oc.learning_rate, betas=(oc.b1, oc.b2), eps=oc.eps)
+    self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(oc.warmup_fraction * total_steps),
+                                                     total_steps)
+    self.clip_norm = oc.clip_norm
+
+  @staticmethod
+  def collate(tokenized: Tokenized, labels: np.ndarray | None, batch: list[int]) -> dict:
+    """Pads a batch to its own longest example (dynamic padding)."""
+    longest = int(max(tokenized.lengths[i] for i in batch))
+    ids = np.full((len(batch), longest), tokenized.pad_id, np.int64)
+    types = np.zeros((len(batch), longest), np.int64)
+    mask = np.zeros((len(batch), longest), np.int64)
+    for r, i in enumerate(batch):
+      n = int(tokenized.lengths[i])
+      ids[r, :n], types[r, :n], mask[r, :n] = tokenized.ids[i], tokenized.type_ids[i], 1
+    out = {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
+           "attention_mask": torch.from_numpy(mask)}
+    if labels is not None:
+      dtype = torch.float32 if labels.dtype.kind == "f" else torch.long
+      out["labels"] = torch.as_tensor(labels[batch], dtype=dtype)
+    return out
+
+  def train(self, tokenized: Tokenized, labels: np.ndarray, batches: list[list[int]]) -> dict:
+    """One optimizer step per batch; the time includes collation, as in a DataLoader loop."""
+    slots = 0
+    t = time.perf_counter()
+    for batch in batches:
+      inputs = self.collate(tokenized, labels, batch)
+      slots += inputs["input_ids"].numel()
+      loss = self.model(**inputs).loss
+      loss.backward()
+      if self.clip_norm:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+      self.optimizer.step()
+      self.scheduler.step()
+      self.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t
+    if not torch.isfinite(loss.detach()):
+      raise RuntimeError(f"torch peer: non-finite loss {float(loss.detach())}")
+    return {"seconds": seconds, "steps": len(batches), "slots": slots, "last_loss": float(loss.detach())}
+
+  def evaluate(self, tokenized: Tokenized, batch_size: int) -> dict:
+    """no_grad inference over the split in order, dynamic padding; logits kept like an evaluator would."""
+    self.model.eval()
+    n = len(tokenized)
+    out = []
+    t = time.perf_counter()
+    with torch.no_grad():
+      for batch in in_order(list(range(n)), batch_size):
+        out.append(self.model(**self.collate(tokenized, None, batch)).logits.numpy())
+    seconds = time.perf_counter() - t
+    self.model.train()
+    return {"seconds": seconds, "examples": n, "logits_shape": list(np.concatenate(out).shape)}
