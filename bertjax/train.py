@@ -6,6 +6,7 @@ Re-running the same command with the same workdir resumes from its latest checkp
 """
 
 import difflib
+import os
 import sys
 
 from absl import app, flags, logging
@@ -19,6 +20,8 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a 
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_integer("heartbeat_timeout", 30, "Seconds after which the other processes give up on a dead one.")
+flags.DEFINE_string("compilation_cache", os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bertjax", "xla"),
+                    "Persistent XLA compilation cache folder, shared by runs ('' = off).")
 
 
 def _check_overrides(argv: list[str]) -> None:
@@ -52,6 +55,9 @@ def main(argv):
   if not flags.FLAGS.workdir:
     raise UserError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  import jax
+  if flags.FLAGS.compilation_cache:  # a re-run or resume skips compiling the shapes it has seen
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(flags.FLAGS.compilation_cache))
   from bertjax import sharding
   sharding.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                                   flags.FLAGS.process_id, flags.FLAGS.heartbeat_timeout)
