@@ -44,7 +44,8 @@ def log(msg: str) -> None:
 
 
 class _StopSignal:
-  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the current step and exits."""
+  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the current step and exits.
+  A second signal ends the process at once."""
 
   def __init__(self):
     self.received = None
@@ -53,6 +54,9 @@ class _StopSignal:
       self._old[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, _frame):
+    if self.received is not None:  # a second signal: the user wants out now, checkpoint or not
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
     self.received = signal.Signals(signum).name
 
   def restore(self):

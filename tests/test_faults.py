@@ -128,3 +128,16 @@ def test_bfloat16_training_runs_and_learns(setup):
   assert summary["best"]["eval_accuracy"] >= 0.6
   run = load_run(root / "bf16", "latest")
   assert str(__import__("jax").tree.leaves(run.params)[0].dtype) == "float32"  # f32 master weights
+
+
+def test_second_sigterm_ends_the_process_at_once():
+  script = ("import os, signal, time\n"
+            "from bertjax.trainer import _StopSignal\n"
+            "stop = _StopSignal()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "assert stop.received == 'SIGTERM'\n"
+            "print('first handled', flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(30)\n")
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert "first handled" in result.stdout and result.returncode == -signal.SIGTERM, result.stderr[-2000:]
