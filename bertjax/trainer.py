@@ -21,6 +21,7 @@ from bertjax import checkpoint as ckpt_lib
 from bertjax import flops, optim, plot, run_log, sharding
 from bertjax.data import pipeline
 from bertjax.data.prefetch import Prefetch
+from bertjax.config_base import base_config
 from bertjax.errors import UserError
 from bertjax.evaluate import Evaluator
 from bertjax.models import hf_weights
@@ -74,8 +75,11 @@ def _check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) -
   if not saved_path.exists():
     return
   saved, now = json.loads(saved_path.read_text()), _config_snapshot(config)
+  defaults = _config_snapshot(base_config())
   for group in ("model", "data"):
     for key in sorted(set(saved.get(group, {})) | set(now.get(group, {}))):
+      if key not in saved.get(group, {}) and now[group].get(key) == defaults[group].get(key):
+        continue  # a key added after the run started, left at its default
       if saved.get(group, {}).get(key) != now.get(group, {}).get(key):
         raise UserError(f"{saved_path}: this workdir was trained with {group}.{key}="
                         f"{saved.get(group, {}).get(key)!r}, not {now.get(group, {}).get(key)!r}; "

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +154,30 @@ def test_cli_errors_exit_2_and_keep_workdir(finished_run, setup, tmp_path):
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == snapshot
 
 
+@pytest.mark.parametrize("source,match", [
+    (None, "config file not found: .*nope.py"),
+    ("def get_config(:\n", r"bad.py:1: syntax error"),
+    ("x = 1\n", "defines no get_config"),
+    ("def get_config():\n  raise ValueError('boom')\n", "get_config failed: ValueError: boom"),
+    ("import no_such_module_xyz\n", "ModuleNotFoundError"),
+    ("def get_config():\n  return 3\n", "returned int, not a ConfigDict"),
+])
+def test_bad_config_file_is_one_line(tmp_path, source, match):
+  path = tmp_path / ("nope.py" if source is None else "bad.py")
+  if source is not None:
+    path.write_text(source)
+  cmd = [sys.executable, "-m", "bertjax.train", f"--config={path}", f"--workdir={tmp_path / 'w'}"]
+  result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert re.search(match, _error_line(result)), result.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_missing_config_flag_is_one_line(tmp_path):
+  cmd = [sys.executable, "-m", "bertjax.train", f"--workdir={tmp_path / 'w'}"]
+  result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert "--config is required" in _error_line(result)
+
+
 @pytest.mark.parametrize("content,match", [
     ("sentence\tlabel\ngood film\t1\nbad film\n", r"train.tsv:3: .*"),
     ("sentence\tlabel\ngood film\t1\n\t0\n", r"train.tsv:3: .*empty"),
@@ -197,3 +222,21 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(setup, tmp_path):
   kept = load_run(tmp_path / "w", "latest")
   assert kept.step == bad_step - 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(kept.params))
+
+
+def test_resume_check_tolerates_keys_added_later_at_their_default(tmp_path):
+  """A workdir from an older version (its config.json lacks a newer key) still resumes, unless the
+  new key is set to something other than its default."""
+  from bertjax.config_base import base_config
+  config = base_config()
+  saved = trainer._config_snapshot(config)
+  del saved["data"]["label_names_file"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  trainer._check_resume_compatible(tmp_path, config)
+  config.data.label_names_file = "classes.txt"
+  with pytest.raises(UserError, match="data.label_names_file=None, not 'classes.txt'"):
+    trainer._check_resume_compatible(tmp_path, config)
+  config.data.label_names_file = ""
+  config.data.max_length = 64
+  with pytest.raises(UserError, match="data.max_length=128, not 64"):
+    trainer._check_resume_compatible(tmp_path, config)

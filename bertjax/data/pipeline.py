@@ -58,8 +58,10 @@ def resolve_label_names(data_cfg, train: sources.Examples) -> list[str] | None:
   if data_cfg.task == "regression":
     return None
   given = list(data_cfg.label_names) if data_cfg.label_names else None
-  if isinstance(data_cfg.label_names, str):
-    given = sources.read_label_names(data_cfg.label_names)  # a file with one name per line
+  if data_cfg.label_names_file:
+    if given:
+      raise UserError("set data.label_names or data.label_names_file, not both")
+    given = sources.read_label_names(data_cfg.label_names_file)
   given = given or train.label_names
   return sources.label_names(train.labels, given, data_cfg.num_labels or None)
 
