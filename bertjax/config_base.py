@@ -14,6 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = dict(
       train="",  # .tsv/.csv/.jsonl path or tfds:NAME[/CONFIG]:SPLIT
       eval="",
+      tfds_data_dir="",  # where tfds:NAME:SPLIT datasets are prepared ("" = tfds's default / $TFDS_DATA_DIR)
       text_fields=("sentence",),  # one or two column names (or indices for header-less files)
       label_field="label",
       has_header=True,

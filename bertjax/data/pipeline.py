@@ -50,7 +50,8 @@ def text_fields(data_cfg) -> tuple:
 
 def read(data_cfg, path: str, labelled: bool = True) -> sources.Examples:
   return sources.read_examples(path, text_fields(data_cfg), data_cfg.label_field if labelled else None,
-                               has_header=data_cfg.has_header, task=data_cfg.task, quoting=data_cfg.quoting)
+                               has_header=data_cfg.has_header, task=data_cfg.task, quoting=data_cfg.quoting,
+                               tfds_data_dir=data_cfg.get("tfds_data_dir", ""))
 
 
 def resolve_label_names(data_cfg, train: sources.Examples) -> list[str] | None:

@@ -21,7 +21,7 @@ Field = str | int
 TASKS = ("classification", "regression")
 QUOTINGS = ("auto", "none", "csv")
 _DELIMITERS = {".tsv": "\t", ".txt": "\t", ".csv": ","}
-_TFDS_RE = re.compile(r"^tfds:([^:]+):([^:]+)$")
+_TFDS_RE = re.compile(r"^tfds:([^:]+):(.+)$")  # the split may be sliced: train[:10%]
 
 
 class _ColumnError(UserError):
@@ -53,8 +53,9 @@ class Examples:
 def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
                   label_field: Field | None = None, *, has_header: bool = True,
                   task: str = "classification", quoting: str = "auto",
-                  on_bad_row: Callable[[str], None] | None = None) -> Examples:
-  """Reads examples from a local file (by extension) or a `tfds:NAME[/CONFIG]:SPLIT` spec.
+                  on_bad_row: Callable[[str], None] | None = None, tfds_data_dir: str = "") -> Examples:
+  """Reads examples from a local file (by extension) or a `tfds:NAME[/CONFIG]:SPLIT` spec
+  (prepared in `tfds_data_dir`, or tfds's default folder / $TFDS_DATA_DIR when empty).
 
   A malformed row raises a UserError naming its line; with `on_bad_row`, the message is passed
   to it instead and the row skipped (a file the csv reader cannot parse still fails).
@@ -68,7 +69,7 @@ def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
   source = str(source)
   match = _TFDS_RE.match(source)
   if match:
-    return _read_tfds(source, match.group(1), match.group(2), fields, label_field, task)
+    return _read_tfds(source, match.group(1), match.group(2), fields, label_field, task, tfds_data_dir)
   if source.startswith("tfds:"):
     raise UserError(f"bad tfds source {source!r}: expected tfds:NAME[/CONFIG]:SPLIT")
   path = Path(source)
@@ -369,17 +370,22 @@ def _short(names: Sequence[str], limit: int = 10) -> str:
 
 
 def _read_tfds(source: str, name: str, split: str, fields: tuple[Field, ...],
-               label_field: Field | None, task: str) -> Examples:
+               label_field: Field | None, task: str, data_dir: str = "") -> Examples:
+  """Random-access records of a prepared (array_record) tfds split, read through grain threads; no
+  TensorFlow needed. Downloading and preparing a dataset is tfds's job (`tfds build`, or `tfds.load`
+  with TensorFlow), done once where there is network."""
   try:
-    import tensorflow_datasets as tfds  # optional extra, heavy import
+    import grain  # optional extra, with tensorflow-datasets
+    import tensorflow_datasets as tfds
   except ImportError:
-    raise UserError(f"reading {source} needs tensorflow-datasets: "
+    raise UserError(f"reading {source} needs tensorflow-datasets and grain: "
                     "pip install 'bertjax[tfds]'") from None
   try:
-    data = tfds.data_source(name, split=split)
+    data = tfds.data_source(name, split=split, data_dir=data_dir or None)
   except Exception as e:  # tfds raises many types for unknown names, splits, missing data
-    reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f"cannot open {source}: {reason}") from None
+    reason = " ".join(str(e).split()).split(" Available datasets:")[0] or type(e).__name__
+    raise UserError(f"cannot open {source}{f' in {data_dir}' if data_dir else ''}: {reason[:300]} "
+                    "(prepare it once with network: tfds build NAME --file_format=array_record)") from None
   features = data.dataset_info.features
   available = list(features.keys())
   for f in list(fields) + ([label_field] if label_field is not None else []):
@@ -389,18 +395,17 @@ def _read_tfds(source: str, name: str, split: str, fields: tuple[Field, ...],
   if label_field is not None and task == "classification":
     names = list(getattr(features[label_field], "names", None) or []) or None
 
-  def records() -> Iterator[tuple[int, dict]]:
-    for i in range(len(data)):
-      record = data[i]
-      row = {f: _tfds_text(record[f]) for f in fields}
-      if label_field is not None:
-        value = record[label_field]
-        value = value.item() if hasattr(value, "item") else value
-        # GLUE test splits mark missing labels with -1
-        row[label_field] = None if names and value == -1 else _tfds_text(value)
-      yield i + 1, row
+  def row(record: dict) -> dict:
+    out = {f: _tfds_text(record[f]) for f in fields}
+    if label_field is not None:
+      value = record[label_field]
+      value = value.item() if hasattr(value, "item") else value
+      # GLUE test splits mark missing labels with -1
+      out[label_field] = None if names and value == -1 else _tfds_text(value)
+    return out
 
-  examples = _collect(source, records(), None, fields, label_field, task)
+  rows = grain.MapDataset.source(data).map(row).to_iter_dataset(grain.ReadOptions(num_threads=8))
+  examples = _collect(source, enumerate(rows, start=1), None, fields, label_field, task)
   return dataclasses.replace(examples, label_names=names)
 
 
