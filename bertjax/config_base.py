@@ -59,6 +59,33 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def flat_keys(cfg, prefix: str = "") -> list[str]:
+  """Dotted leaf keys of a (nested) config: ['model.name_or_path', 'model.dtype', ...]."""
+  out = []
+  for k, v in cfg.items():
+    if hasattr(v, "items"):
+      out += flat_keys(v, f"{prefix}{k}.")
+    else:
+      out.append(f"{prefix}{k}")
+  return out
+
+
+def check_keys(keys, what: str = "config key") -> None:
+  """A key not in `base_config()` raises a one-line UserError naming it, the closest key and all valid keys."""
+  import difflib
+  valid = sorted(flat_keys(base_config()))
+  for key in keys:
+    if key not in valid:
+      close = difflib.get_close_matches(key, valid, n=1)
+      hint = f" (did you mean {close[0]}?)" if close else ""
+      raise UserError(f"unknown {what} {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+
+def override_keys(argv: list[str]) -> list[str]:
+  """The KEYs of `--config.KEY=VALUE` (or `--config.KEY VALUE`) arguments."""
+  return [arg[len("--config."):].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """`configs/x.py:size=base,tiny` -> {'size': 'base', 'tiny': True}, typed like the defaults."""
   out = ml_collections.ConfigDict(defaults)

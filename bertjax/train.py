@@ -5,7 +5,6 @@
 Re-running the same command with the same workdir resumes from its latest checkpoint.
 """
 
-import difflib
 import os
 import sys
 
@@ -26,26 +25,12 @@ flags.DEFINE_string("compilation_cache", os.path.join(os.environ.get("XDG_CACHE_
 
 def _check_overrides(argv: list[str]) -> None:
   """Unknown `--config.KEY` overrides fail in one line that lists the valid keys, exit code 2."""
-  from bertjax.config_base import base_config
-  valid = sorted(_flat_keys(base_config()))
-  for arg in argv[1:]:
-    if arg.startswith("--config."):
-      key = arg[len("--config."):].split("=", 1)[0]
-      if key not in valid:
-        close = difflib.get_close_matches(key, valid, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        print(f"error: unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _flat_keys(cfg, prefix="") -> list[str]:
-  out = []
-  for k, v in cfg.items():
-    if hasattr(v, "items"):
-      out += _flat_keys(v, f"{prefix}{k}.")
-    else:
-      out.append(f"{prefix}{k}")
-  return out
+  from bertjax.config_base import check_keys, override_keys
+  try:
+    check_keys(override_keys(argv))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 @exit_on_user_error

@@ -86,14 +86,36 @@ def test_loss_falls_and_run_outputs(finished_run):
       sorted({str(summary["best"]["step"]), str(summary["steps"])})
 
 
-def test_resume_after_kill_equals_uninterrupted(setup):
+KILL_STEPS = {"train.max_steps": 40, "train.eval_every_steps": 20}
+
+
+@pytest.fixture(scope="module")
+def straight_runs(setup):
+  """checkpoint_every_steps -> the uninterrupted run a killed-and-resumed one must reproduce bit for bit
+  (the checkpoint interval changes which steps are logged, never the numbers)."""
   root, data, model = setup
-  common = ("--config.train.max_steps=40", "--config.train.checkpoint_every_steps=5",
-            "--config.train.eval_every_steps=20")
-  straight = root / "straight"
-  trainer.train_and_evaluate(demo_config(data, model, **{"train.max_steps": 40, "train.checkpoint_every_steps": 5,
-                                                         "train.eval_every_steps": 20}), str(straight))
-  killed = root / "killed"
+  runs = {}
+
+  def get(every: int) -> Path:
+    if every not in runs:
+      runs[every] = root / f"straight{every}"
+      trainer.train_and_evaluate(demo_config(data, model, **KILL_STEPS, **{"train.checkpoint_every_steps": every}),
+                                 str(runs[every]))
+    return runs[every]
+
+  return get
+
+
+@pytest.mark.parametrize("seed,every", [(0, 5), (1, 5), (2, 1), (3, 1)])
+def test_resume_after_kill_equals_uninterrupted(setup, straight_runs, seed, every):
+  """kill -9 at a seeded random moment (after a random checkpoint, plus a random delay; with a save
+  after every step, most moments fall inside an async save), then the same command resumes."""
+  root, data, model = setup
+  straight_run = straight_runs(every)
+  rng = np.random.default_rng(seed)
+  after, delay = int(rng.integers(1, 7)) * 5, float(rng.uniform(0, 0.4))
+  common = [f"--config.{k}={v}" for k, v in KILL_STEPS.items()] + [f"--config.train.checkpoint_every_steps={every}"]
+  killed = root / f"killed{seed}"
   cmd = [sys.executable, "-m", "bertjax.train", f"--config={REPO}/configs/demo.py:tiny,data_dir={data}",
          f"--workdir={killed}", f"--config.model.name_or_path={model}", *common]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -101,22 +123,29 @@ def test_resume_after_kill_equals_uninterrupted(setup):
   while time.time() < deadline and proc.poll() is None:
     done = [int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit()] \
         if (killed / "checkpoints").exists() else []
-    if done and max(done) >= 15:
+    if done and max(done) >= after:
       break
-    time.sleep(0.05)
+    time.sleep(0.01)
+  time.sleep(delay)
+  saving = lambda: any(".orbax-checkpoint-tmp" in p.name for p in (killed / "checkpoints").iterdir())
+  if every == 1:  # kill while a checkpoint is being written
+    while time.time() < deadline and proc.poll() is None and not saving():
+      time.sleep(0.002)
   assert proc.poll() is None, "the run finished before it could be killed"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  if every == 1:
+    assert saving(), "the kill did not land inside a checkpoint write"
   resumed = cli(killed, data, model, *common)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resumed from" in resumed.stderr
-  a, b = load_run(straight, "latest"), load_run(killed, "latest")
+  a, b = load_run(straight_run, "latest"), load_run(killed, "latest")
   assert a.step == b.step == 40
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
   lines = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
   steps = [(r["kind"], r["step"]) for r in lines]
   assert len(steps) == len(set(steps)), "metrics.jsonl has duplicated steps after resume"
-  straight_lines = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
+  straight_lines = [json.loads(l) for l in (straight_run / "metrics.jsonl").read_text().splitlines()]
   loss = lambda rs: [(r["step"], r["loss"]) for r in rs if r["kind"] == "train"]
   assert loss(lines) == loss(straight_lines)
 
