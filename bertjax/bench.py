@@ -419,5 +419,15 @@ def main(argv):
   print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  from bertjax.config_base import check_command_line
+  try:
+    check_command_line(sys.argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -117,6 +117,14 @@ def config_file_arg(argv: list[str]) -> str | None:
   return None
 
 
+def check_command_line(argv: list[str]) -> None:
+  """Checks a command line's `--config` file and `--config.KEY` overrides before absl parses them, so
+  every mistake there is one line (UserError) instead of a trace."""
+  check_keys(override_keys(argv))
+  if config_file_arg(argv):
+    check_config_file(config_file_arg(argv))
+
+
 def check_config_file(spec: str) -> None:
   """Loads `FILE.py[:arg]` once so that a missing file, a syntax error, a missing `get_config` or an
   exception inside it fails in one line (UserError), before absl turns it into a multi-line trace."""

@@ -621,11 +621,9 @@ def _define_flags() -> None:
 
 def run() -> None:
   from absl import app
-  from bertjax.config_base import check_config_file, check_keys, config_file_arg, override_keys
+  from bertjax.config_base import check_command_line
   try:
-    check_keys(override_keys(sys.argv))
-    if config_file_arg(sys.argv):
-      check_config_file(config_file_arg(sys.argv))
+    check_command_line(sys.argv)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -23,16 +23,6 @@ flags.DEFINE_string("compilation_cache", os.path.join(os.environ.get("XDG_CACHE_
                     "Persistent XLA compilation cache folder, shared by runs ('' = off).")
 
 
-def _check_overrides(argv: list[str]) -> None:
-  """Unknown `--config.KEY` overrides fail in one line that lists the valid keys, exit code 2."""
-  from bertjax.config_base import check_keys, override_keys
-  try:
-    check_keys(override_keys(argv))
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 @exit_on_user_error
 def main(argv):
   if len(argv) > 1:
@@ -57,13 +47,11 @@ def main(argv):
 
 
 def run():
-  _check_overrides(sys.argv)
+  from bertjax.config_base import check_command_line
   try:
-    from bertjax.config_base import check_config_file, config_file_arg
-    if config_file_arg(sys.argv):
-      check_config_file(config_file_arg(sys.argv))
+    check_command_line(sys.argv)
     app.run(main)
-  except UserError as e:  # raised while the config file itself is evaluated
+  except UserError as e:  # a bad --config file or key, or raised while the config file is evaluated
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
