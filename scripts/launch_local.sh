@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="$1"; shift
-py=".venv/bin/python"; [[ -x "$py" ]] || py=python3
+py="${PYTHON:-.venv/bin/python}"; [[ -x "$py" ]] || py=python3
 port="${PORT:-$((20000 + RANDOM % 20000))}"
 workdir="$(printf '%s\n' "$@" | sed -n 's/^--workdir=\{0,1\}//p' | tail -1)"
 logdir="${workdir:-.}"; mkdir -p "$logdir"

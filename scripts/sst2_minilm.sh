@@ -3,7 +3,7 @@
 # from the shared GLUE files. Writes runs/sst2_minilm/summary.json; pass extra --config.* overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=".venv/bin/python"; [[ -x "$py" ]] || py=python3
+py="${PYTHON:-.venv/bin/python}"; [[ -x "$py" ]] || py=python3
 data="${SST2_DIR:-../shared/data/sst2}"
 workdir="${WORKDIR:-runs/sst2_minilm}"
 "$py" -m bertjax.train --config configs/minilm_sst2.py --workdir "$workdir" \

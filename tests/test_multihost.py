@@ -26,8 +26,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(workdir, data, model, devices, *extra):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(REPO)}
+def start(workdir, data, model, devices, *extra, env=None):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(REPO),
+         **(env or {})}
   cmd = [sys.executable, "-m", "bertjax.train", f"--config={REPO}/configs/demo.py:tiny,data_dir={data}",
          f"--workdir={workdir}", f"--config.model.name_or_path={model}", *OVERRIDES, *extra]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -45,25 +46,60 @@ def train_losses(workdir):
   return [r["loss"] for r in lines if r["kind"] == "train"], [r["loss"] for r in lines if r["kind"] == "eval"]
 
 
-def test_two_processes_match_one_process(setup):
+@pytest.fixture(scope="module")
+def one_process(setup):
+  """1 process x 4 devices: what every multi-process layout must reproduce."""
   root, data, model = setup
   single = start(root / "one", data, model, 4)
   out, _ = single.communicate(timeout=300)
   assert single.returncode == 0, out[-3000:]
+  return root / "one"
+
+
+def assert_same_run(a_dir, b_dir):
+  a_train, a_eval = train_losses(a_dir)
+  b_train, b_eval = train_losses(b_dir)
+  assert len(a_train) == len(b_train) == 12 and len(a_eval) == len(b_eval) == 2
+  np.testing.assert_allclose(a_train, b_train, rtol=1e-6)
+  np.testing.assert_allclose(a_eval, b_eval, rtol=1e-6)
+  a, b = load_run(a_dir, "latest"), load_run(b_dir, "latest")
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a.params, b.params)
+  assert json.loads((b_dir / "summary.json").read_text())["num_eval_examples"] == 50
+
+
+def test_two_processes_match_one_process(setup, one_process):
+  root, data, model = setup
   port = free_port()
   procs = [start(root / "two", data, model, 2, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                  f"--process_id={i}") for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
-  one_train, one_eval = train_losses(root / "one")
-  two_train, two_eval = train_losses(root / "two")
-  assert len(one_train) == len(two_train) == 12 and len(one_eval) == len(two_eval) == 2
-  np.testing.assert_allclose(one_train, two_train, rtol=1e-6)
-  np.testing.assert_allclose(one_eval, two_eval, rtol=1e-6)
-  a, b = load_run(root / "one", "latest"), load_run(root / "two", "latest")
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a.params, b.params)
-  assert json.loads((root / "two" / "summary.json").read_text())["num_eval_examples"] == 50
+  assert_same_run(one_process, root / "two")
+
+
+def test_slurm_environment_alone_starts_a_two_process_run(setup, one_process):
+  """What `srun` in scripts/slurm.sbatch gives each task: no flags, only SLURM_* variables, from which
+  jax.distributed finds the coordinator (first node of the step, port from the job id) and the ranks."""
+  root, data, model = setup
+  job_id = next(j for j in range(1000, 5096) if _port_free(j % 4096 + 61440))
+  procs = [start(root / "slurm", data, model, 2, env={
+      "SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+      "SLURM_STEP_NUM_NODES": "1", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert "on mesh {'data': 4, 'fsdp': 1}" in outs[0], outs[0][-3000:]  # 2 processes x 2 devices joined
+  assert_same_run(one_process, root / "slurm")
+
+
+def _port_free(port: int) -> bool:
+  with socket.socket() as s:
+    try:
+      s.bind(("127.0.0.1", port))
+    except OSError:
+      return False
+  return True
 
 
 def test_killing_one_process_fails_the_other(setup):
