@@ -27,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
       task="classification",  # classification | regression
       packing=True,  # several examples per row of max_length tokens
       max_per_row=16,  # at most this many examples packed in one row
+      shuffle_seed=-1,  # seed of the training batch order; -1 = train.seed. Fix it (>= 0) to let the
+      # trials of a trial group differ in train.seed (then only head init and dropout differ)
   )
   c.train = dict(
       global_batch_size=32,

@@ -11,11 +11,16 @@ Every optimizer is one `optax.chain`, so the whole update stays a single jitted 
 
 Because the decay term is added before the learning rate, it is scaled by the same per-layer
 learning rate as the gradient step, like torch.optim.AdamW with one param group per layer.
+
+`make_injected_optimizer` is the same chain with some hyperparameters (learning rate, warmup,
+weight decay, eps, b1, b2, clip norm) stored as arrays in the state, so trials that differ only
+in them train as one vmapped step (`bertjax.trial_group`).
 """
 
+import dataclasses
 import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +147,13 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_schedule(kind: str, peak_lr: float, total_steps: int, warmup_steps: int) -> Schedule:
+def _at_least_one(x):
+  """max(x, 1) for a python number, or its traced equivalent for a jax scalar."""
+  return max(x, 1) if isinstance(x, (int, float)) else jnp.maximum(x, 1.0)
+
+
+def make_schedule(kind: str, peak_lr: float | jax.Array, total_steps: int,
+                  warmup_steps: int | jax.Array) -> Schedule:
   """Learning rate at a step: linear warmup 0 -> peak_lr over `warmup_steps`, then
 
   - linear:   linear decay from peak_lr to 0 at `total_steps`;
@@ -155,11 +166,11 @@ def make_schedule(kind: str, peak_lr: float, total_steps: int, warmup_steps: int
   """
   if kind not in SCHEDULES:
     raise UserError(f"optimizer.schedule={kind!r} is unknown; valid: {', '.join(SCHEDULES)}")
-  decay_steps = max(total_steps - warmup_steps, 1)
+  decay_steps = _at_least_one(total_steps - warmup_steps)
 
   def schedule(step: jax.typing.ArrayLike) -> jax.Array:
     step = jnp.asarray(step, jnp.float32)
-    warm = peak_lr * step / max(warmup_steps, 1)
+    warm = peak_lr * step / _at_least_one(warmup_steps)
     frac = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
     if kind == "linear":
       body = peak_lr * (1.0 - frac)
@@ -201,6 +212,79 @@ def _direction(name: str, b1: float, b2: float, eps: float) -> list[optax.Gradie
   return [optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0)]
 
 
+HPARAMS = ("learning_rate", "warmup_steps", "weight_decay", "eps", "b1", "b2", "clip_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerPlan:
+  """A validated `optimizer` config: its structure, and the numbers (`hparams`, keys HPARAMS) that
+  trials of one group may vary. `learning_rate` is the peak after batch-size scaling and
+  `warmup_steps` = round(warmup_fraction * total_steps)."""
+  name: str
+  schedule: str
+  layer_decay: float
+  total_steps: int
+  hparams: dict
+
+
+def plan_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, global_batch_size: int) -> OptimizerPlan:
+  """Reads and checks the `optimizer` config group."""
+  name = _choice(cfg, "name", OPTIMIZERS)
+  kind = _choice(cfg, "schedule", SCHEDULES)
+  scaling = _choice(cfg, "lr_scaling", LR_SCALINGS)
+  learning_rate = _number(cfg, "learning_rate", 0.0, low_open=True)
+  hparams = {"weight_decay": _number(cfg, "weight_decay", 0.0), "eps": _number(cfg, "eps", 0.0),
+             "b1": _number(cfg, "b1", 0.0, 1.0), "b2": _number(cfg, "b2", 0.0, 1.0)}
+  warmup_fraction = _number(cfg, "warmup_fraction", 0.0, 1.0)
+  layer_decay = _number(cfg, "layerwise_lr_decay", 0.0, 1.0, low_open=True)
+  hparams["clip_norm"] = _number(cfg, "clip_norm", 0.0)
+  if int(total_steps) < 1:
+    raise UserError(f"total training steps must be >= 1, got {total_steps}")
+  base_batch_size = 1
+  if scaling != "none":
+    base_batch_size = int(_number(cfg, "base_batch_size", 0.0, low_open=True))
+  hparams["learning_rate"] = scaled_learning_rate(learning_rate, scaling, global_batch_size, base_batch_size)
+  hparams["warmup_steps"] = int(round(warmup_fraction * total_steps))
+  return OptimizerPlan(name, kind, layer_decay, int(total_steps), hparams)
+
+
+def _is_const(x) -> bool:
+  return isinstance(x, (int, float))
+
+
+def _switchable_clip(max_norm: jax.Array) -> optax.GradientTransformation:
+  """clip_by_global_norm with a traced max_norm; max_norm <= 0 passes updates through."""
+  clip = optax.clip_by_global_norm(max_norm)
+
+  def update_fn(updates, state, params=None):
+    clipped, state = clip.update(updates, state, params)
+    return jax.tree.map(lambda c, u: jnp.where(max_norm > 0, c, u), clipped, updates), state
+
+  return optax.GradientTransformation(clip.init, update_fn)
+
+
+def build_optimizer(plan: OptimizerPlan, hparams: dict, params: Any) -> tuple[optax.GradientTransformation, Schedule]:
+  """The chain and schedule for `hparams`: python numbers are constants (a zero clip_norm or
+  weight_decay drops its step, as in a single run); jax scalars are traced, and then the step is
+  kept and switched inside, so every trial of a group has the same state structure."""
+  hp = hparams
+  schedule_fn = make_schedule(plan.schedule, hp["learning_rate"], plan.total_steps, hp["warmup_steps"])
+  chain = []
+  if not _is_const(hp["clip_norm"]):
+    chain.append(_switchable_clip(hp["clip_norm"]))
+  elif hp["clip_norm"] > 0:
+    chain.append(optax.clip_by_global_norm(hp["clip_norm"]))
+  chain += _direction(plan.name, hp["b1"], hp["b2"], hp["eps"])
+  if not _is_const(hp["weight_decay"]) or hp["weight_decay"] > 0:
+    chain.append(optax.add_decayed_weights(hp["weight_decay"], mask=decay_mask))
+  if plan.name == "lamb":
+    chain.append(optax.scale_by_trust_ratio())
+  chain.append(optax.scale_by_learning_rate(schedule_fn))
+  if plan.layer_decay != 1.0:
+    chain.append(scale_by_tree(layerwise_multipliers(params, plan.layer_decay)))
+  return optax.chain(*chain), schedule_fn
+
+
 def make_optimizer(
     cfg: ml_collections.ConfigDict,
     params: Any,
@@ -214,36 +298,42 @@ def make_optimizer(
   multiplier. `effective_lr` is the peak rate after batch-size scaling. `params` (or a tree of
   `jax.ShapeDtypeStruct` with the same structure) is only read for its structure.
   """
-  name = _choice(cfg, "name", OPTIMIZERS)
-  kind = _choice(cfg, "schedule", SCHEDULES)
-  scaling = _choice(cfg, "lr_scaling", LR_SCALINGS)
-  learning_rate = _number(cfg, "learning_rate", 0.0, low_open=True)
-  weight_decay = _number(cfg, "weight_decay", 0.0)
-  eps = _number(cfg, "eps", 0.0)
-  b1 = _number(cfg, "b1", 0.0, 1.0)
-  b2 = _number(cfg, "b2", 0.0, 1.0)
-  warmup_fraction = _number(cfg, "warmup_fraction", 0.0, 1.0)
-  layer_decay = _number(cfg, "layerwise_lr_decay", 0.0, 1.0, low_open=True)
-  clip_norm = _number(cfg, "clip_norm", 0.0)
-  if int(total_steps) < 1:
-    raise UserError(f"total training steps must be >= 1, got {total_steps}")
-  base_batch_size = 1
-  if scaling != "none":
-    base_batch_size = int(_number(cfg, "base_batch_size", 0.0, low_open=True))
+  plan = plan_optimizer(cfg, total_steps, global_batch_size)
+  tx, schedule_fn = build_optimizer(plan, plan.hparams, params)
+  return tx, schedule_fn, plan.hparams["learning_rate"]
 
-  effective_lr = scaled_learning_rate(learning_rate, scaling, global_batch_size, base_batch_size)
-  warmup_steps = int(round(warmup_fraction * total_steps))
-  schedule_fn = make_schedule(kind, effective_lr, int(total_steps), warmup_steps)
 
-  chain = []
-  if clip_norm > 0:
-    chain.append(optax.clip_by_global_norm(clip_norm))
-  chain += _direction(name, b1, b2, eps)
-  if weight_decay > 0:
-    chain.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
-  if name == "lamb":
-    chain.append(optax.scale_by_trust_ratio())
-  chain.append(optax.scale_by_learning_rate(schedule_fn))
-  if layer_decay != 1.0:
-    chain.append(scale_by_tree(layerwise_multipliers(params, layer_decay)))
-  return optax.chain(*chain), schedule_fn, effective_lr
+class InjectedState(NamedTuple):
+  """Optimizer state with per-trial hyperparameters: `hparams` (float32 scalars) and the chain's
+  state `inner`, whose leaves are those of the single-run optimizer's state, in the same order."""
+  hparams: dict
+  inner: Any
+
+
+def make_injected_optimizer(plan: OptimizerPlan, varying: tuple[str, ...], params: Any) -> optax.GradientTransformation:
+  """The optimizer of one trial of a group: the hyperparameters named in `varying` live in the
+  state, so one `update` (under jax.vmap over stacked states) serves trials that differ in them;
+  the others stay python constants (equal in every trial), as in a single run. Injected values are
+  float32: for b1 and b2 that rounds optax's `1 - b` a little differently from the constant (~1e-7)."""
+  unknown = set(varying) - set(HPARAMS)
+  if unknown:
+    raise ValueError(f"not an injectable hyperparameter: {sorted(unknown)}")
+
+  def build(state_hparams):
+    return build_optimizer(plan, {**plan.hparams, **state_hparams}, params)
+
+  def init_fn(p):
+    hparams = {k: jnp.asarray(plan.hparams[k], jnp.float32) for k in varying}
+    return InjectedState(hparams, build(hparams)[0].init(p))
+
+  def update_fn(updates, state, p=None):
+    updates, inner = build(state.hparams)[0].update(updates, state.inner, p)
+    return updates, InjectedState(state.hparams, inner)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def injected_schedule(plan: OptimizerPlan, state: InjectedState) -> Schedule:
+  """The learning-rate schedule of the trial whose optimizer state is `state`."""
+  hp = {**plan.hparams, **state.hparams}
+  return make_schedule(plan.schedule, hp["learning_rate"], plan.total_steps, hp["warmup_steps"])

@@ -4,6 +4,7 @@ Everything that can fail on bad input (config, model folder, data) is checked be
 is touched, so a failed start loses nothing.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from bertjax import checkpoint as ckpt_lib
-from bertjax import flops, optim, plot, run_log, sharding
+from bertjax import flops, optim, plot, run_log, run_summary, sharding
 from bertjax.data import pipeline
 from bertjax.data.prefetch import Prefetch
 from bertjax.config_base import base_config
@@ -86,10 +87,41 @@ def _check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) -
                         "use a new --workdir or the same setting")
 
 
-class Trainer:
-  """Owns the run's objects; `run()` trains to the end (or a stop) and returns the summary."""
+@dataclasses.dataclass
+class Member:
+  """One run's own outputs and bookkeeping inside the training loop: a single run has one member,
+  a trial group (bertjax.trial_group) one per trial."""
+  run: "Trainer"  # its config, workdir and optimizer
+  index: int
+  label: str = ""  # prefix of its log lines
+  checkpoints: ckpt_lib.Checkpoints | None = None
+  runlog: run_log.RunLog | None = None
+  best: dict | None = None
+  evals_since_best: int = 0
+  last_eval: dict | None = None
+  skipped_steps: int = 0
+  stopped_by: str | None = None  # set when it stops before the others (early stopping, non-finite loss)
+  end_step: int | None = None
+  error: str | None = None  # why it failed (the error a single run would raise); no summary.json then
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def meta(self) -> dict:
+    return {"best": self.best, "evals_since_best": self.evals_since_best, "last_eval": self.last_eval,
+            "skipped_steps": self.skipped_steps, "stopped_by": self.stopped_by, "end_step": self.end_step,
+            "error": self.error}
+
+  def load_meta(self, meta: dict) -> None:
+    for key, value in meta.items():
+      setattr(self, key, value)
+
+
+class Trainer:
+  """Owns the run's objects; `run()` trains to the end (or a stop) and returns the summary.
+
+  `like`: another Trainer (same data and model, e.g. the first trial of a group) whose data, mesh
+  and tokenizer are shared instead of built again; `cache_dir`: the tokenization cache folder."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, like: "Trainer | None" = None,
+               cache_dir: Path | None = None):
     self.config = config
     self.workdir = Path(workdir)
     self.is_primary = jax.process_index() == 0
@@ -107,10 +139,45 @@ class Trainer:
       _check_resume_compatible(self.workdir, config)
 
     # Model folder, tokenizer, data: all validated before anything is written.
+    if like is not None:
+      self.mesh, self.folder, self.tokenizer, self.data = like.mesh, like.folder, like.tokenizer, like.data
+    else:
+      self._build_data(cache_dir or self.workdir / "cache")
+    if like is not None and like.config.train.seed == tc.seed:
+      self.loaded = like.loaded
+    else:
+      self.loaded = hf_weights.load(str(self.folder), num_labels=self.data.num_labels, dtype=config.model.dtype,
+                                    seed=tc.seed)
+      for note in self.loaded.notes:
+        log(f"model: {note}")
+    self.model_cfg = self.loaded.cfg
+    self.model = SequenceClassifier(self.model_cfg)
+    self.regression = self.data.task == "regression"
+
+    # Packed epochs differ by a step or so (each epoch packs its own shuffle), so count them one by one.
+    batcher = self.data.train.batcher
+    self.steps_per_epoch = batcher.steps_in_epoch(0)
+    if like is not None:
+      self.total_steps = like.total_steps
+    elif tc.max_steps:
+      self.total_steps = tc.max_steps
+    else:
+      full = int(tc.num_epochs)
+      self.total_steps = sum(batcher.steps_in_epoch(e) for e in range(full))
+      self.total_steps += int(math.ceil((tc.num_epochs - full) * batcher.steps_in_epoch(full)))
+    if self.total_steps < 1:
+      raise UserError(f"train.num_epochs={tc.num_epochs} gives no training step")
+    self.opt_plan = optim.plan_optimizer(config.optimizer, self.total_steps, tc.global_batch_size)
+    self.tx, self.schedule = optim.build_optimizer(self.opt_plan, self.opt_plan.hparams, self.loaded.params)
+    self.effective_lr = self.opt_plan.hparams["learning_rate"]
+    self.setup_seconds = time.perf_counter() - t0
+
+  def _build_data(self, cache_dir: Path) -> None:
+    config, tc = self.config, self.config.train
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    folder = hf_weights.resolve_folder(config.model.name_or_path)
-    base_cfg = from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json"))
-    self.tokenizer = pipeline.load_tokenizer(folder)
+    self.folder = hf_weights.resolve_folder(config.model.name_or_path)
+    base_cfg = from_hf_config(hf_weights.read_hf_config(self.folder), str(self.folder / "config.json"))
+    self.tokenizer = pipeline.load_tokenizer(self.folder)
     saved_labels = self._saved_label_names()
     eval_batch = tc.eval_batch_size or tc.global_batch_size
     data_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -120,32 +187,10 @@ class Trainer:
       if not config.data.packing and size % data_devices:
         raise UserError(f"{name} (per accumulation step: {size}) must be a multiple of the {data_devices} devices")
     self.data = pipeline.build(
-        config.data, self.tokenizer, base_cfg, self.workdir / "cache", global_batch_size=tc.global_batch_size,
+        config.data, self.tokenizer, base_cfg, cache_dir, global_batch_size=tc.global_batch_size,
         eval_batch_size=eval_batch, seed=tc.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), row_multiple=local_devices * tc.grad_accum_steps,
         label_names=saved_labels)
-    self.loaded = hf_weights.load(str(folder), num_labels=self.data.num_labels, dtype=config.model.dtype,
-                                  seed=tc.seed)
-    for note in self.loaded.notes:
-      log(f"model: {note}")
-    self.model_cfg = self.loaded.cfg
-    self.model = SequenceClassifier(self.model_cfg)
-    self.regression = self.data.task == "regression"
-
-    # Packed epochs differ by a step or so (each epoch packs its own shuffle), so count them one by one.
-    batcher = self.data.train.batcher
-    self.steps_per_epoch = batcher.steps_in_epoch(0)
-    if tc.max_steps:
-      self.total_steps = tc.max_steps
-    else:
-      full = int(tc.num_epochs)
-      self.total_steps = sum(batcher.steps_in_epoch(e) for e in range(full))
-      self.total_steps += int(math.ceil((tc.num_epochs - full) * batcher.steps_in_epoch(full)))
-    if self.total_steps < 1:
-      raise UserError(f"train.num_epochs={tc.num_epochs} gives no training step")
-    self.tx, self.schedule, self.effective_lr = optim.make_optimizer(
-        config.optimizer, self.loaded.params, self.total_steps, tc.global_batch_size)
-    self.setup_seconds = time.perf_counter() - t0
 
   def _saved_label_names(self):
     path = self.workdir / "labels.json"
@@ -153,20 +198,69 @@ class Trainer:
       return json.loads(path.read_text())["label_names"]
     return None
 
-  # ----- state ---------------------------------------------------------------------------
+  # ----- state (a trial group overrides these) ----------------------------------------------
+
+  def _abstract_state(self):
+    """The single-run train state's shapes, dtypes and shardings."""
+    abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                                   opt_state=self.tx.init(p), rng=jax.random.PRNGKey(0)),
+                              self.loaded.params)
+    shardings = sharding.state_shardings(abstract, self.mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
   def _init_state(self):
-    params = self.loaded.params
-    abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                                   opt_state=self.tx.init(p), rng=jax.random.PRNGKey(0)), params)
-    shardings = sharding.state_shardings(abstract, self.mesh)
-    self.state_shardings = shardings
-    params = jax.device_put(params, shardings.params)
+    abstract = self._abstract_state()
+    shardings = self.state_shardings = self.member_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    params = jax.device_put(self.loaded.params, shardings.params)
     init = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p),
                                         rng=jax.random.PRNGKey(self.config.train.seed)),
                    in_shardings=(shardings.params,), out_shardings=shardings)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return init(params), abstract
+
+  def _members(self) -> list[Member]:
+    return [Member(self, 0)]
+
+  def _resume(self, abstract):
+    """(state, loop meta) from the latest checkpoint, or None for a fresh start."""
+    return self._restore_member(self.members[0], abstract)
+
+  def _restore_member(self, member: Member, abstract):
+    """(state, loop meta with this one member) from the member's latest checkpoint, or None."""
+    latest = member.checkpoints.latest_step()
+    if latest is None:
+      return None
+    state, meta = member.checkpoints.restore(latest, abstract)
+    log(f"{member.label}resumed from {member.run.workdir}/checkpoints/{latest} (epoch {meta['epoch']}, "
+        f"step {meta['step_in_epoch']} of {self.data.train.batcher.steps_in_epoch(meta['epoch'])})")
+    saved = {"best": meta["best"], "evals_since_best": meta["evals_since_best"],
+             "last_eval": meta.get("last_eval"), "skipped_steps": meta["stats"].get("skipped_steps", 0)}
+    return state, {"epoch": meta["epoch"], "step_in_epoch": meta["step_in_epoch"], "stats": meta["stats"],
+                   "members": [saved]}
+
+  def _save_shared(self, step: int, state, loop_meta: dict) -> None:
+    """A trial group saves its stacked state here, before the members' checkpoints."""
+
+  def _member_state(self, state, index: int):
+    return state
+
+  def _member_params(self, state, index: int):
+    return state.params
+
+  def _split_metrics(self, metrics: dict) -> list[dict]:
+    return [metrics]
+
+  def _make_step_fn(self):
+    tc = self.config.train
+    return make_train_step(self.model, self.tx, self.schedule, self.regression, tc.grad_accum_steps,
+                           tc.skip_nonfinite_steps)
+
+  stops_members_alone = False  # on a non-finite loss: a single run raises; a trial group stops that trial
+
+  def _summary_extra(self, member: Member) -> dict:
+    return {}
+
+  def _close(self) -> None:
+    """Releases what a subclass opened besides the members' checkpoints and logs."""
 
   def _write_run_files(self) -> None:
     """Config, labels and the model folder (HF config + tokenizer) that evaluate/predict/export read."""
@@ -182,107 +276,153 @@ class Trainer:
     (model_dir / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     self.tokenizer.save_pretrained(str(model_dir))
 
+  def _epochs_at(self, step: int) -> float:
+    """Epochs completed after `step` steps."""
+    batcher, epoch = self.data.train.batcher, 0
+    while step >= batcher.steps_in_epoch(epoch):
+      step -= batcher.steps_in_epoch(epoch)
+      epoch += 1
+    return epoch + step / batcher.steps_in_epoch(epoch)
+
+  def _save_member(self, member: Member, step: int, state, loop_meta: dict, eval_scalars: dict | None) -> None:
+    """The member's checkpoint at `step` (a no-op if it has one), in the single-run format."""
+    if member.checkpoints.latest_step() == step:
+      return
+    meta = {"epoch": loop_meta["epoch"], "step_in_epoch": loop_meta["step_in_epoch"], "best": member.best,
+            "last_eval": member.last_eval, "evals_since_best": member.evals_since_best,
+            "stats": {**loop_meta["stats"], "skipped_steps": member.skipped_steps},
+            "label_names": self.data.label_names}
+    metrics = {"eval_loss": eval_scalars["loss"]} if eval_scalars else None
+    try:
+      member.checkpoints.save(step, self._member_state(state, member.index), meta, metrics=metrics)
+    except ckpt_lib.CheckpointError as e:
+      raise WriteFailed(f"saving the checkpoint of step {step} failed ({_first_line(e)}); the previous "
+                        f"checkpoint (step {member.checkpoints.latest_step()}) is intact") from None
+
   # ----- the loop ------------------------------------------------------------------------
 
   def run(self) -> dict:
-    config, tc = self.config, self.config.train
+    return self.run_members()[0]
+
+  def run_members(self) -> list[dict]:
+    """Trains every member to the end (or a stop); returns their summaries."""
+    tc = self.config.train
     state, abstract = self._init_state()
-    checkpoints = ckpt_lib.Checkpoints(str(self.workdir / "checkpoints"), keep_best=True, async_save=True,
-                                       is_primary=self.is_primary)
-    meta = {"epoch": 0, "step_in_epoch": 0, "best": None, "evals_since_best": 0, "stats": {}, "last_eval": None}
-    latest = checkpoints.latest_step()
-    if latest is not None:
-      state, meta = checkpoints.restore(latest, abstract)
-      log(f"resumed from {self.workdir}/checkpoints/{latest} (epoch {meta['epoch']}, "
-          f"step {meta['step_in_epoch']} of {self.data.train.batcher.steps_in_epoch(meta['epoch'])})")
-    if latest is None:
-      try:
-        self._write_run_files()
-      except OSError as e:
-        raise WriteFailed(f"cannot write the run files in {self.workdir}: {e.strerror or e}") from None
-    runlog = run_log.RunLog(str(self.workdir), self.is_primary)
-    step = int(jax.device_get(state.step))
-    runlog.truncate_after(step)
+    members = self.members = self._members()
+    for m in members:
+      m.checkpoints = ckpt_lib.Checkpoints(str(m.run.workdir / "checkpoints"), keep_best=True, async_save=True,
+                                           is_primary=self.is_primary)
+    loop = {"epoch": 0, "step_in_epoch": 0, "stats": {}}
+    resumed = self._resume(abstract)
+    if resumed is not None:
+      state, loop = resumed
+      for m, meta in zip(members, loop.pop("members")):
+        m.load_meta(meta)
+    else:
+      for m in members:
+        try:
+          m.run._write_run_files()
+        except OSError as e:
+          raise WriteFailed(f"cannot write the run files in {m.run.workdir}: {e.strerror or e}") from None
+    step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])  # a group stacks equal steps
+    for m in members:
+      m.runlog = run_log.RunLog(str(m.run.workdir), self.is_primary)
+      m.runlog.truncate_after(step)
+      if tc.early_stopping_patience and m.stopped_by is None and m.evals_since_best >= tc.early_stopping_patience:
+        m.stopped_by = f"early stopping (eval loss did not improve for {m.evals_since_best} evals)"
     self._print_start(step)
 
     batch_sharding = sharding.batch_sharding(self.mesh)
     train_step = CompiledByShape(jax.jit(
-        make_train_step(self.model, self.tx, self.schedule, self.regression, tc.grad_accum_steps,
-                        tc.skip_nonfinite_steps),
-        in_shardings=(self.state_shardings, batch_sharding), out_shardings=(self.state_shardings, None),
-        donate_argnums=(0,)), "train step", log)
-    evaluator = Evaluator(self.model, self.mesh, self.state_shardings.params)
+        self._make_step_fn(), in_shardings=(self.state_shardings, batch_sharding),
+        out_shardings=(self.state_shardings, None), donate_argnums=(0,)), "train step", log)
+    evaluator = Evaluator(self.model, self.mesh, self.member_shardings.params)
     progress = run_log.Progress(self.total_steps, is_primary=self.is_primary, every_steps=tc.log_every_steps)
     stop = _StopSignal()
     stats = {"train_seconds": 0.0, "examples": 0, "tokens": 0, "slots": 0, "wait_seconds": 0.0,
-             "wall_seconds": 0.0, **meta["stats"]}
+             "wall_seconds": 0.0, **loop["stats"]}
+    stats.pop("skipped_steps", None)  # per member
     self.wall_before = stats["wall_seconds"]
-    best, evals_since_best = meta["best"], meta["evals_since_best"]
-    epoch, step_in_epoch = meta["epoch"], meta["step_in_epoch"]
+    epoch, step_in_epoch = loop["epoch"], loop["step_in_epoch"]
     pending: list[tuple[int, dict]] = []  # device metrics not yet read (read after the next dispatch)
     window = {"examples": 0, "tokens": 0, "seconds": 0.0}  # since the last train log line
-    stopped_by = None
-    last_eval = meta.get("last_eval")
+    signalled = None
+    active = lambda: [m for m in members if m.stopped_by is None]
 
     def flush(upto_log: bool):
-      """Reads pending step metrics; stops on a non-finite loss with the step number."""
+      """Reads pending step metrics; a non-finite loss stops its member (a single run: with an error)."""
       nonlocal pending
       if not pending:
         return
-      fetched = jax.device_get([m for _, m in pending])
-      for (s, _), m in zip(pending, fetched):
-        stats["skipped_steps"] = stats.get("skipped_steps", 0) + int(m["skipped"])
-        if m["skipped"]:
-          log(f"step {s}: non-finite loss or gradients ({m['loss']}); update skipped "
-              f"({stats['skipped_steps']} so far)")
-        elif not np.isfinite(m["loss"]):
-          raise UserError(f"non-finite loss ({m['loss']}) at step {s}; stopped. The last good checkpoint "
-                          f"(step {checkpoints.latest_step()}) is kept in {self.workdir}/checkpoints")
+      fetched = [self._split_metrics(m) for m in jax.device_get([m for _, m in pending])]
+      for m in active():
+        mine = [f[m.index] for f in fetched]
+        for (s, _), f in zip(pending, mine):
+          m.skipped_steps += int(f["skipped"])
+          if f["skipped"]:
+            log(f"{m.label}step {s}: non-finite loss or gradients ({f['loss']}); update skipped "
+                f"({m.skipped_steps} so far)")
+          elif not np.isfinite(f["loss"]):
+            error = (f"non-finite loss ({f['loss']}) at step {s}; stopped. The last good checkpoint "
+                     f"(step {m.checkpoints.latest_step()}) is kept in {m.run.workdir}/checkpoints")
+            if not self.stops_members_alone:
+              raise UserError(error)
+            m.stopped_by, m.end_step, m.error = f"non-finite loss ({f['loss']}) at step {s}", s, error
+            log(f"{m.label}error: {error}")
+            break
+        if upto_log and m.stopped_by is None:
+          n = sum(float(f["examples"]) for f in mine)
+          m.runlog.write(pending[-1][0], {
+              "loss": sum(float(f["loss"]) * float(f["examples"]) for f in mine) / max(n, 1),
+              "accuracy": sum(float(f["accuracy"]) * float(f["examples"]) for f in mine) / max(n, 1),
+              "learning_rate": float(mine[-1]["learning_rate"]), "grad_norm": float(mine[-1]["grad_norm"]),
+              "examples_per_sec": window["examples"] / max(window["seconds"], 1e-9),
+              "tokens_per_sec": window["tokens"] / max(window["seconds"], 1e-9)}, "train")
       if upto_log:
-        n = sum(float(m["examples"]) for m in fetched)
-        runlog.write(pending[-1][0], {
-            "loss": sum(float(m["loss"]) * float(m["examples"]) for m in fetched) / max(n, 1),
-            "accuracy": sum(float(m["accuracy"]) * float(m["examples"]) for m in fetched) / max(n, 1),
-            "learning_rate": float(fetched[-1]["learning_rate"]), "grad_norm": float(fetched[-1]["grad_norm"]),
-            "examples_per_sec": window["examples"] / max(window["seconds"], 1e-9),
-            "tokens_per_sec": window["tokens"] / max(window["seconds"], 1e-9)}, "train")
         window.update(examples=0, tokens=0, seconds=0.0)
-        progress.update(pending[-1][0], fetched[-1]["loss"])
+        if active():
+          progress.update(pending[-1][0], fetched[-1][active()[0].index]["loss"])
       pending = []
 
-    def do_eval():
-      nonlocal best, evals_since_best, last_eval
+    def do_eval() -> dict[int, dict]:
       if self.data.eval is None:
-        return None
-      result = evaluator.evaluate(state.params, self.data.eval.batcher, self.data.eval.labels, self.data.task,
-                                  self.data.label_names)
-      scalars = _eval_scalars(result, self.regression)
-      runlog.write(step, scalars, "eval")
-      last_eval = {"step": step, **scalars}
-      log(f"eval @ step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()
-                                              if k in ("loss", "accuracy", "macro_f1", "mcc", "pearson", "spearman")))
-      if best is None or scalars["loss"] < best["eval_loss"]:
-        best = _best_entry(step, scalars)
-        evals_since_best = 0
-      else:
-        evals_since_best += 1
-      return scalars
+        return {}
+      out = {}
+      for m in active():
+        result = evaluator.evaluate(self._member_params(state, m.index), self.data.eval.batcher,
+                                    self.data.eval.labels, self.data.task, self.data.label_names)
+        scalars = out[m.index] = run_summary.eval_scalars(result, self.regression)
+        m.runlog.write(step, scalars, "eval")
+        m.last_eval = {"step": step, **scalars}
+        log(f"{m.label}eval @ step {step}: " + "  ".join(
+            f"{k} {v:.4f}" for k, v in scalars.items()
+            if k in ("loss", "accuracy", "macro_f1", "mcc", "pearson", "spearman")))
+        if m.best is None or scalars["loss"] < m.best["eval_loss"]:
+          m.best = run_summary.best_entry(step, scalars)
+          m.evals_since_best = 0
+        else:
+          m.evals_since_best += 1
+      return out
 
-    def save(eval_scalars=None):
-      if checkpoints.latest_step() == step:
+    def save(evals: dict[int, dict]):
+      if all(m.checkpoints.latest_step() == step for m in active()):
         return
       stats["wall_seconds"] = self.wall_before + time.time() - self.wall_start
-      meta_now = {"epoch": epoch, "step_in_epoch": step_in_epoch, "best": best, "last_eval": last_eval,
-                  "evals_since_best": evals_since_best, "stats": stats, "label_names": self.data.label_names}
-      metrics = {"eval_loss": eval_scalars["loss"]} if eval_scalars else None
-      try:
-        checkpoints.save(step, state, meta_now, metrics=metrics)
-      except ckpt_lib.CheckpointError as e:
-        raise WriteFailed(f"saving the checkpoint of step {step} failed ({_first_line(e)}); the previous "
-                               f"checkpoint (step {checkpoints.latest_step()}) is intact") from None
+      loop_meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "stats": stats}
+      self._save_shared(step, state, {**loop_meta, "members": [m.meta() for m in members]})
+      for m in active():
+        self._save_member(m, step, state, loop_meta, evals.get(m.index))
+
+    def summarize(done: bool = False):
+      for m in members if done else active():
+        end = m.end_step if m.end_step is not None else step
+        epochs = epoch + step_in_epoch / self.data.train.batcher.steps_in_epoch(epoch) if end == step \
+            else self._epochs_at(end)
+        m.summary = self._write_summary(m, end, epochs, stats, evaluator, train_step, done=done,
+                                        stopped_by=m.stopped_by or (signalled if done else None))
 
     try:
-      while step < self.total_steps and stopped_by is None:
+      while step < self.total_steps and signalled is None and active():
         batcher = self.data.train.batcher
         real_tokens = batcher.global_real_tokens(epoch)
         plan_sizes = [len(s) for s in batcher.plan(epoch)]
@@ -322,43 +462,48 @@ class Trainer:
             if boundary:
               stats["wait_seconds"] += batches.wait_seconds
               batches.wait_seconds = 0.0
-              eval_scalars = do_eval() if eval_due else None
-              if eval_scalars is not None or step == self.total_steps or stop.received is not None or (
+              evals = do_eval() if eval_due else {}
+              if evals or step == self.total_steps or stop.received is not None or (
                   tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0):
-                save(eval_scalars)
-              if eval_scalars is not None:
-                self._write_summary(step, epoch + step_in_epoch / self.data.train.batcher.steps_in_epoch(epoch), best, last_eval, stats, evaluator, train_step)
-              if tc.early_stopping_patience and evals_since_best >= tc.early_stopping_patience:
-                stopped_by = f"early stopping (eval loss did not improve for {evals_since_best} evals)"
+                save(evals)
+              if evals:
+                summarize()
+              for m in active():
+                if tc.early_stopping_patience and m.evals_since_best >= tc.early_stopping_patience:
+                  m.stopped_by = f"early stopping (eval loss did not improve for {m.evals_since_best} evals)"
+                  m.end_step = step
               if stop.received is not None:
-                stopped_by = f"signal {stop.received}"
+                signalled = f"signal {stop.received}"
               t_segment, compile_mark = time.perf_counter(), train_step.compile_seconds
-            if step >= self.total_steps or stopped_by is not None:
+            if step >= self.total_steps or signalled is not None or not active():
               break
           stats["wait_seconds"] += batches.wait_seconds
         finally:
           batches.close()
       flush(upto_log=True)
-      if self.data.eval is not None and (last_eval is None or last_eval["step"] != step):
-        eval_scalars = do_eval()
-        save(eval_scalars)
-      try:
-        checkpoints.wait()
-      except ckpt_lib.CheckpointError as e:
-        raise WriteFailed(f"writing the final checkpoint failed ({_first_line(e)}); the previous "
-                               f"checkpoint (step {checkpoints.latest_step()}) is intact") from None
-      summary = self._write_summary(step, epoch + step_in_epoch / self.data.train.batcher.steps_in_epoch(epoch), best, last_eval, stats, evaluator, train_step, done=True,
-                                    stopped_by=stopped_by)
+      if self.data.eval is not None and any(m.last_eval is None or m.last_eval["step"] != step for m in active()):
+        save(do_eval())
+      for m in members:
+        try:
+          m.checkpoints.wait()
+        except ckpt_lib.CheckpointError as e:
+          raise WriteFailed(f"writing the final checkpoint failed ({_first_line(e)}); the previous "
+                            f"checkpoint (step {m.checkpoints.latest_step()}) is intact") from None
+      summarize(done=True)
     finally:
       stop.restore()
-      checkpoints.close()
-      runlog.close()
-    if self.is_primary:
-      plot.plot_metrics(self.workdir)
-    log(f"done: {stopped_by or 'finished'} at step {step}; checkpoints in {self.workdir}/checkpoints "
-        f"(latest {checkpoints.latest_step()}, best {checkpoints.best_step()}), "
-        f"TensorBoard logs in {self.workdir}/tensorboard, summary in {self.workdir}/summary.json")
-    return summary
+      for m in members:
+        m.checkpoints.close()
+        if m.runlog is not None:
+          m.runlog.close()
+      self._close()
+    for m in members:
+      if self.is_primary:
+        plot.plot_metrics(m.run.workdir)
+      log(f"{m.label}done: {m.stopped_by or signalled or 'finished'} at step {m.summary['steps']}; checkpoints in "
+          f"{m.run.workdir}/checkpoints (latest {m.checkpoints.latest_step()}, best {m.checkpoints.best_step()}), "
+          f"TensorBoard logs in {m.run.workdir}/tensorboard, summary in {m.run.workdir}/summary.json")
+    return [m.summary for m in members]
 
   # ----- reporting -----------------------------------------------------------------------
 
@@ -376,60 +521,20 @@ class Trainer:
         f"{self.total_steps} steps, batch {tc.global_batch_size} on mesh {dict(self.mesh.shape)}"
         + (f", resuming at step {step}" if step else ""))
 
-  def _write_summary(self, step, epochs_completed, best, last_eval, stats, evaluator, train_step, done=False,
+  def _write_summary(self, member: Member, step, epochs_completed, stats, evaluator, train_step, done=False,
                      stopped_by=None) -> dict:
-    seconds = max(stats["train_seconds"], 1e-9)
+    """Writes the member's summary.json (not for a failed member, as a run that raised writes none)."""
     if not hasattr(self, "_peak"):
       self._peak = flops.measure_matmul_peak()
-    tokens_per_sec = stats["tokens"] / seconds
-    # FLOPs per real token of this dataset (mean over the train set), times the measured token rate.
-    lengths = self.data.train.batcher.lengths
-    flops_per_token = flops.train_flops(self.model_cfg, lengths) / max(int(lengths.sum()), 1)
-    summary = {
-        "model": self.config.model.name_or_path,
-        "family": self.model_cfg.family,
-        "task": self.data.task,
-        "num_train_examples": len(self.data.train.examples),
-        "num_eval_examples": pipeline.example_count(self.data.eval),
-        "global_batch_size": self.config.train.global_batch_size,
-        "steps": step,
-        "total_steps": self.total_steps,
-        "epochs_completed": epochs_completed,
-        "train_examples_per_sec": stats["examples"] / seconds,
-        "train_tokens_per_sec": tokens_per_sec,
-        "padding_fraction": 1.0 - stats["tokens"] / max(stats["slots"], 1),
-        "mfu": tokens_per_sec * flops_per_token / self._peak,
-        "mfu_method": "train FLOPs of real tokens (3x forward, attention within each example) / measured "
-                      "f32 matmul peak of this machine",
-        "matmul_peak_flops": self._peak,
-        "num_compilations": train_step.num_compilations + evaluator.step.num_compilations,
-        "compile_seconds": train_step.compile_seconds + evaluator.step.compile_seconds,
-        "input_wait_fraction": stats["wait_seconds"] / seconds,
-        "best": best,
-        "final": _best_entry(last_eval["step"], last_eval) if last_eval else None,
-        "wall_seconds": self.wall_before + time.time() - self.wall_start,
-        "train_seconds": stats["train_seconds"],
-        "finished": done and stopped_by is None and step >= self.total_steps,
-        "stopped_by": stopped_by,
-        "skipped_steps": stats.get("skipped_steps", 0),
-    }
-    if self.is_primary:
-      run_log.write_summary(str(self.workdir), summary)
+    compiled = (train_step.num_compilations + evaluator.step.num_compilations,
+                train_step.compile_seconds + evaluator.step.compile_seconds)
+    summary = {**run_summary.make_summary(self, member, step, epochs_completed, stats, self._peak, compiled, done,
+                                          stopped_by), **self._summary_extra(member)}
+    if member.error:
+      summary["error"] = member.error
+    elif self.is_primary:
+      run_log.write_summary(str(member.run.workdir), summary)
     return summary
-
-
-def _eval_scalars(result: dict, regression: bool) -> dict:
-  keys = ("loss", "mse", "pearson", "spearman") if regression else ("loss", "accuracy", "macro_f1", "micro_f1", "mcc")
-  return {k: float(result[k]) for k in keys if k in result}
-
-
-def _best_entry(step: int, scalars: dict) -> dict:
-  entry = {"step": step, "eval_loss": scalars["loss"]}
-  if "accuracy" in scalars:
-    entry.update(eval_accuracy=scalars["accuracy"], eval_f1=scalars["macro_f1"])
-  else:
-    entry.update(eval_pearson=scalars.get("pearson"), eval_spearman=scalars.get("spearman"))
-  return entry
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

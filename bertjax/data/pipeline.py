@@ -71,7 +71,10 @@ def build(data_cfg, tokenizer, model_cfg: EncoderConfig, cache_dir: Path | None,
           eval_batch_size: int, seed: int, process_index: int, process_count: int, row_multiple: int,
           label_names: list[str] | None = None) -> TaskData:
   """Reads, tokenizes and batches data.train and data.eval. `label_names` (from a resumed run)
-  overrides what the data would infer, so ids never shift between runs."""
+  overrides what the data would infer, so ids never shift between runs. The training order is
+  shuffled with data.shuffle_seed, or with `seed` (train.seed) when that is -1."""
+  if data_cfg.get("shuffle_seed", -1) >= 0:
+    seed = int(data_cfg.shuffle_seed)
   limit = model_cfg.max_position_embeddings - model_cfg.position_offset
   if data_cfg.max_length > limit:
     raise UserError(f"data.max_length={data_cfg.max_length} exceeds the model's {limit} positions")

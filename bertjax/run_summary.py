@@ -1,0 +1,61 @@
+"""The fields of a run's summary.json: throughput, MFU, compilation, best and final eval, how it ended."""
+
+import time
+
+from bertjax import flops
+from bertjax.data import pipeline
+
+
+def eval_scalars(result: dict, regression: bool) -> dict:
+  keys = ("loss", "mse", "pearson", "spearman") if regression else ("loss", "accuracy", "macro_f1", "micro_f1", "mcc")
+  return {k: float(result[k]) for k in keys if k in result}
+
+
+def best_entry(step: int, scalars: dict) -> dict:
+  entry = {"step": step, "eval_loss": scalars["loss"]}
+  if "accuracy" in scalars:
+    entry.update(eval_accuracy=scalars["accuracy"], eval_f1=scalars["macro_f1"])
+  else:
+    entry.update(eval_pearson=scalars.get("pearson"), eval_spearman=scalars.get("spearman"))
+  return entry
+
+
+def make_summary(trainer, member, step: int, epochs_completed: float, stats: dict, peak_flops: float,
+                 compiled: tuple[int, float], done: bool, stopped_by: str | None) -> dict:
+  """`trainer`: the (lead) Trainer, for data and model; `member`: the run summarised (its config,
+  best and last eval); `compiled`: (number of compilations, seconds spent compiling)."""
+  seconds = max(stats["train_seconds"], 1e-9)
+  tokens_per_sec = stats["tokens"] / seconds
+  # FLOPs per real token of this dataset (mean over the train set), times the measured token rate.
+  data = trainer.data
+  lengths = data.train.batcher.lengths
+  flops_per_token = flops.train_flops(trainer.model_cfg, lengths) / max(int(lengths.sum()), 1)
+  config = member.run.config
+  return {
+      "model": config.model.name_or_path,
+      "family": trainer.model_cfg.family,
+      "task": data.task,
+      "num_train_examples": len(data.train.examples),
+      "num_eval_examples": pipeline.example_count(data.eval),
+      "global_batch_size": config.train.global_batch_size,
+      "steps": step,
+      "total_steps": trainer.total_steps,
+      "epochs_completed": epochs_completed,
+      "train_examples_per_sec": stats["examples"] / seconds,
+      "train_tokens_per_sec": tokens_per_sec,
+      "padding_fraction": 1.0 - stats["tokens"] / max(stats["slots"], 1),
+      "mfu": tokens_per_sec * flops_per_token / peak_flops,
+      "mfu_method": "train FLOPs of real tokens (3x forward, attention within each example) / measured "
+                    "f32 matmul peak of this machine",
+      "matmul_peak_flops": peak_flops,
+      "num_compilations": compiled[0],
+      "compile_seconds": compiled[1],
+      "input_wait_fraction": stats["wait_seconds"] / seconds,
+      "best": member.best,
+      "final": best_entry(member.last_eval["step"], member.last_eval) if member.last_eval else None,
+      "wall_seconds": trainer.wall_before + time.time() - trainer.wall_start,
+      "train_seconds": stats["train_seconds"],
+      "finished": done and stopped_by is None and step >= trainer.total_steps,
+      "stopped_by": stopped_by,
+      "skipped_steps": member.skipped_steps,
+  }
