@@ -343,6 +343,8 @@ class Trainer:
              "wall_seconds": 0.0, **loop["stats"]}
     stats.pop("skipped_steps", None)  # per member
     self.wall_before = stats["wall_seconds"]
+    # Compilations of earlier sessions of this run (a resume compiles again; the summary counts all).
+    self.compiled_before = (stats.pop("num_compilations", 0), stats.pop("compile_seconds", 0.0))
     epoch, step_in_epoch = loop["epoch"], loop["step_in_epoch"]
     pending: list[tuple[int, dict]] = []  # device metrics not yet read (read after the next dispatch)
     window = {"examples": 0, "tokens": 0, "seconds": 0.0}  # since the last train log line
@@ -408,7 +410,9 @@ class Trainer:
       if all(m.checkpoints.latest_step() == step for m in active()):
         return
       stats["wall_seconds"] = self.wall_before + time.time() - self.wall_start
-      loop_meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "stats": stats}
+      compiled = self._compiled(train_step, evaluator)
+      loop_meta = {"epoch": epoch, "step_in_epoch": step_in_epoch,
+                   "stats": {**stats, "num_compilations": compiled[0], "compile_seconds": compiled[1]}}
       self._save_shared(step, state, {**loop_meta, "members": [m.meta() for m in members]})
       for m in active():
         self._save_member(m, step, state, loop_meta, evals.get(m.index))
@@ -521,13 +525,17 @@ class Trainer:
         f"{self.total_steps} steps, batch {tc.global_batch_size} on mesh {dict(self.mesh.shape)}"
         + (f", resuming at step {step}" if step else ""))
 
+  def _compiled(self, train_step, evaluator) -> tuple[int, float]:
+    """(compilations, seconds compiling) of the whole run, earlier sessions included."""
+    return (self.compiled_before[0] + train_step.num_compilations + evaluator.step.num_compilations,
+            self.compiled_before[1] + train_step.compile_seconds + evaluator.step.compile_seconds)
+
   def _write_summary(self, member: Member, step, epochs_completed, stats, evaluator, train_step, done=False,
                      stopped_by=None) -> dict:
     """Writes the member's summary.json (not for a failed member, as a run that raised writes none)."""
     if not hasattr(self, "_peak"):
       self._peak = flops.measure_matmul_peak()
-    compiled = (train_step.num_compilations + evaluator.step.num_compilations,
-                train_step.compile_seconds + evaluator.step.compile_seconds)
+    compiled = self._compiled(train_step, evaluator)
     summary = {**run_summary.make_summary(self, member, step, epochs_completed, stats, self._peak, compiled, done,
                                           stopped_by), **self._summary_extra(member)}
     if member.error:
