@@ -193,6 +193,10 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
   ms = out["ms"]
   ms["train_step"] = timed(train(tr.model), state, batch)
   ms["train_step_no_dropout"] = timed(train(quiet), state, batch)
+  # bf16 compute (f32 params) against f32 on this machine: what `model.dtype=auto` decides per backend.
+  other = "bfloat16" if cfg.dtype == "float32" else "float32"
+  ms[f"train_step_{other}"] = timed(train(SequenceClassifier(cfg.replace(dtype=other))), state, batch)
+  ms[f"train_step_{cfg.dtype}_again"] = timed(train(tr.model), state, batch)  # drift check
   ms["forward_backward"] = timed(grad(tr.model, key), state.params)
   ms["forward_backward_no_dropout"] = timed(grad(quiet, None), state.params)
   ms["forward_train_mode"] = timed(jax.jit(lambda p: _sums(tr.model, p, batch, reg, key)[0]), state.params)

@@ -9,7 +9,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = dict(
       name_or_path="",  # local Hugging Face folder or hub name
-      dtype="float32",  # computation dtype: float32 | bfloat16 (parameters stay float32)
+      dtype="auto",  # computation dtype: auto (float32 on CPU, bfloat16 on GPU/TPU) | float32 | bfloat16;
+      # parameters and optimizer state stay float32
   )
   c.data = dict(
       train="",  # .tsv/.csv/.jsonl path or tfds:NAME[/CONFIG]:SPLIT

@@ -26,7 +26,7 @@ from bertjax.config_base import base_config
 from bertjax.errors import UserError
 from bertjax.evaluate import Evaluator
 from bertjax.models import hf_weights
-from bertjax.models.config import from_hf_config
+from bertjax.models.config import from_hf_config, resolve_dtype
 from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, TrainState, make_train_step
 
@@ -81,6 +81,9 @@ def _check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) -
     for key in sorted(set(saved.get(group, {})) | set(now.get(group, {}))):
       if key not in saved.get(group, {}) and now[group].get(key) == defaults[group].get(key):
         continue  # a key added after the run started, left at its default
+      if (group, key) == ("model", "dtype") and \
+          resolve_dtype(saved.get(group, {}).get(key, "float32")) == resolve_dtype(now[group][key]):
+        continue  # `auto` is what this backend resolves it to
       if saved.get(group, {}).get(key) != now.get(group, {}).get(key):
         raise UserError(f"{saved_path}: this workdir was trained with {group}.{key}="
                         f"{saved.get(group, {}).get(key)!r}, not {now.get(group, {}).get(key)!r}; "
@@ -131,8 +134,7 @@ class Trainer:
     if tc.grad_accum_steps < 1 or tc.global_batch_size % tc.grad_accum_steps:
       raise UserError(f"train.global_batch_size={tc.global_batch_size} must be a multiple of "
                       f"train.grad_accum_steps={tc.grad_accum_steps}")
-    if config.model.dtype not in ("float32", "bfloat16"):
-      raise UserError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
+    self.dtype = resolve_dtype(config.model.dtype)
     if config.data.task not in ("classification", "regression"):
       raise UserError(f"data.task must be classification or regression, got {config.data.task!r}")
     if (self.workdir / "checkpoints").exists():
@@ -146,7 +148,7 @@ class Trainer:
     if like is not None and like.config.train.seed == tc.seed:
       self.loaded = like.loaded
     else:
-      self.loaded = hf_weights.load(str(self.folder), num_labels=self.data.num_labels, dtype=config.model.dtype,
+      self.loaded = hf_weights.load(str(self.folder), num_labels=self.data.num_labels, dtype=self.dtype,
                                     seed=tc.seed)
       for note in self.loaded.notes:
         log(f"model: {note}")
@@ -517,7 +519,8 @@ class Trainer:
                f"at batch {self.config.optimizer.base_batch_size})" if self.config.optimizer.lr_scaling != "none"
                else "")
     log(f"model: {self.model_cfg.family} {self.config.model.name_or_path} ({self.model_cfg.num_layers} layers, "
-        f"hidden {self.model_cfg.hidden_size}, {self.data.num_labels} labels, {self.config.model.dtype})")
+        f"hidden {self.model_cfg.hidden_size}, {self.data.num_labels} labels, {self.dtype}"
+        f"{' (auto)' if self.config.model.dtype == 'auto' else ''})")
     log(f"data: {len(d.train.examples)} train / {pipeline.example_count(d.eval)} eval examples; "
         f"{self.steps_per_epoch} steps per epoch; padding {d.train.batcher.padding_fraction(0):.1%} "
         f"({'packed' if self.config.data.packing else 'length buckets'})")

@@ -40,3 +40,4 @@ def test_bench_smoke(tmp_path):
   assert set(r["ratios"]) == {"train_vs_torch_dynamic", "train_vs_torch_grouped", "eval_vs_torch"}
   assert r["matmul_peak_flops"] > 1e9 and r["setup"]["global_batch_size"] == 16
   assert r["profile"]["ms"]["train_step"] > 0 and r["profile"]["model_train_flops"] > 0
+  assert r["profile"]["ms"]["train_step_bfloat16"] > 0  # the f32 vs bf16 comparison behind model.dtype=auto

@@ -272,3 +272,22 @@ def test_resume_check_tolerates_keys_added_later_at_their_default(tmp_path):
   config.data.max_length = 64
   with pytest.raises(UserError, match="data.max_length=128, not 64"):
     trainer._check_resume_compatible(tmp_path, config)
+
+
+def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(tmp_path):
+  from bertjax.config_base import base_config
+  from bertjax.models.config import resolve_dtype
+  assert base_config().model.dtype == "auto"
+  assert [resolve_dtype("auto", b) for b in ("cpu", "gpu", "tpu")] == ["float32", "bfloat16", "bfloat16"]
+  assert resolve_dtype("bfloat16", "cpu") == "bfloat16" and resolve_dtype("auto") == "float32"  # tests run on CPU
+  with pytest.raises(UserError, match="model.dtype must be one of auto, float32, bfloat16, got 'float16'"):
+    resolve_dtype("float16")
+  # A run saved with an explicit float32 resumes under `auto` on CPU, not under bfloat16.
+  config = base_config()
+  saved = trainer._config_snapshot(config)
+  saved["model"]["dtype"] = "float32"
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  trainer._check_resume_compatible(tmp_path, config)
+  config.model.dtype = "bfloat16"
+  with pytest.raises(UserError, match="model.dtype='float32', not 'bfloat16'"):
+    trainer._check_resume_compatible(tmp_path, config)

@@ -114,3 +114,20 @@ def num_labels_of(hf: dict[str, Any]) -> int:
   if "id2label" in hf:
     return len(hf["id2label"])
   return int(hf.get("num_labels", 2))
+
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(name: str, backend: str | None = None) -> str:
+  """The compute dtype for `model.dtype`: `auto` is float32 on CPU, where bf16 is slower (measured in
+  docs/performance.md), and bfloat16 on GPU/TPU, whose matrix units run bf16 at several times the f32 rate."""
+  if name not in DTYPES:
+    raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+  if name != "auto":
+    return name
+  if backend is None:
+    import jax
+    backend = jax.default_backend()
+  return "float32" if backend == "cpu" else "bfloat16"
+
