@@ -424,12 +424,8 @@ def main(argv):
 
 
 def run() -> None:
-  from bertjax.config_base import check_command_line
-  try:
-    check_command_line(sys.argv)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from bertjax.config_base import exit_on_bad_command_line
+  exit_on_bad_command_line(sys.argv)
   app.run(main)
 
 

@@ -1,5 +1,9 @@
 """The full set of config keys with defaults; each file in configs/ starts from `base_config()`."""
 
+import os
+import sys
+from typing import Any
+
 import ml_collections
 
 from bertjax.errors import UserError
@@ -120,24 +124,31 @@ def config_file_arg(argv: list[str]) -> str | None:
   return None
 
 
-def check_command_line(argv: list[str]) -> None:
+def exit_on_bad_command_line(argv: list[str]) -> None:
   """Checks a command line's `--config` file and `--config.KEY` overrides before absl parses them, so
-  every mistake there is one line (UserError) instead of a trace."""
-  check_keys(override_keys(argv))
-  if config_file_arg(argv):
-    check_config_file(config_file_arg(argv))
+  every mistake there is one line on stderr and exit code 2 instead of a trace."""
+  try:
+    check_keys(override_keys(argv))
+    if config_file_arg(argv):
+      check_config_file(config_file_arg(argv))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
-def check_config_file(spec: str) -> None:
-  """Loads `FILE.py[:arg]` once so that a missing file, a syntax error, a missing `get_config` or an
-  exception inside it fails in one line (UserError), before absl turns it into a multi-line trace."""
+def _first_line(e: BaseException) -> str:
+  return str(e).splitlines()[0] if str(e).strip() else ""
+
+
+def call_python_file(spec: str, function: str, what: str) -> Any:
+  """Runs `function(*arg)` of `FILE.py[:arg]` (as config_flags runs get_config); a missing file, a syntax
+  error, a missing function or an exception inside it is a one-line UserError."""
   import importlib.util
-  import os
   path, *arg = spec.split(":", 1)
   if not os.path.isfile(path):
-    raise UserError(f"config file not found: {path}")
+    raise UserError(f"{what} not found: {path}")
   try:
-    module_spec = importlib.util.spec_from_file_location("_bertjax_config_check", path)
+    module_spec = importlib.util.spec_from_file_location(f"_bertjax_{function}_file", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
   except SyntaxError as e:
@@ -145,15 +156,20 @@ def check_config_file(spec: str) -> None:
   except UserError:
     raise
   except Exception as e:  # whatever the file's top level raises
-    raise UserError(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-  if not callable(getattr(module, "get_config", None)):
-    raise UserError(f"{path} defines no get_config() function")
+    raise UserError(f"{path}: {type(e).__name__}: {_first_line(e)}") from None
+  if not callable(getattr(module, function, None)):
+    raise UserError(f"{path} defines no {function}() function")
   try:
-    config = module.get_config(*arg)  # as config_flags calls it
+    return getattr(module, function)(*arg)
   except UserError:
     raise
   except Exception as e:
-    raise UserError(f"{path}: get_config failed: {type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    raise UserError(f"{path}: {function} failed: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def check_config_file(spec: str) -> None:
+  """Evaluates the config file once, before absl does, so that its errors are one line."""
+  config = call_python_file(spec, "get_config", "config file")
+  path = spec.split(":", 1)[0]
   if not isinstance(config, ml_collections.ConfigDict):
     raise UserError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")

@@ -80,28 +80,8 @@ class Trial:
 
 def load_sweep_file(spec: str) -> Any:
   """Runs `get_sweep()` of `FILE.py[:arg]`; any failure is a one-line UserError."""
-  import importlib.util
-  path, *arg = spec.split(":", 1)
-  if not os.path.isfile(path):
-    raise UserError(f"sweep file not found: {path}")
-  try:
-    module_spec = importlib.util.spec_from_file_location("_bertjax_sweep_file", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-  except SyntaxError as e:
-    raise UserError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
-  except UserError:
-    raise
-  except Exception as e:
-    raise UserError(f"{path}: {type(e).__name__}: {_first_line(e)}") from None
-  if not callable(getattr(module, "get_sweep", None)):
-    raise UserError(f"{path} defines no get_sweep() function")
-  try:
-    return module.get_sweep(*arg)
-  except UserError:
-    raise
-  except Exception as e:
-    raise UserError(f"{path}: get_sweep failed: {type(e).__name__}: {_first_line(e)}") from None
+  from bertjax.config_base import call_python_file
+  return call_python_file(spec, "get_sweep", "sweep file")
 
 
 def _first_line(e: BaseException) -> str:
@@ -621,12 +601,8 @@ def _define_flags() -> None:
 
 def run() -> None:
   from absl import app
-  from bertjax.config_base import check_command_line
-  try:
-    check_command_line(sys.argv)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from bertjax.config_base import exit_on_bad_command_line
+  exit_on_bad_command_line(sys.argv)
   _define_flags()
   app.run(main)
 

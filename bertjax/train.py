@@ -47,9 +47,9 @@ def main(argv):
 
 
 def run():
-  from bertjax.config_base import check_command_line
+  from bertjax.config_base import exit_on_bad_command_line
+  exit_on_bad_command_line(sys.argv)
   try:
-    check_command_line(sys.argv)
     app.run(main)
   except UserError as e:  # a bad --config file or key, or raised while the config file is evaluated
     print(f"error: {e}", file=sys.stderr)

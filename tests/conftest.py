@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random Hugging Face checkpoints of each family, built with transformers + torch."""
 
-import os
 import shutil
 from pathlib import Path
 

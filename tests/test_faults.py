@@ -1,7 +1,6 @@
 """Runs that are stopped, get NaNs or cannot write: what the trainer does in each case."""
 
 import json
-import resource
 import signal
 import subprocess
 import sys
