@@ -72,6 +72,13 @@ def tiny_bert_with_tokenizer(folder: Path, num_labels: int = 2, seed: int = 0, w
   return folder
 
 
+def demo_setup(root: Path, num_train: int, num_dev: int, seed: int) -> tuple[Path, Path, Path]:
+  """(root, generated demo data folder, tiny BERT with the MiniLM vocabulary) for end-to-end tests."""
+  from bertjax import demo_data
+  demo_data.write(root / "data", num_train, num_dev, seed=seed)
+  return root, root / "data", tiny_bert_with_tokenizer(root / "model")
+
+
 def padded_batch(rng: np.random.Generator, lengths, vocab: int, pad_id: int, pair_split=None):
   """Random ids with right padding; optional second-segment token types from `pair_split`."""
   b, l = len(lengths), max(lengths)

@@ -9,17 +9,15 @@ import time
 import numpy as np
 import pytest
 
-from bertjax import demo_data, trainer
+from bertjax import trainer
 from bertjax.workdir import load_run
-from conftest import SHARED_DATA, tiny_bert_with_tokenizer
+from conftest import SHARED_DATA, demo_setup
 from test_train import REPO, demo_config
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  root = tmp_path_factory.mktemp("faults")
-  demo_data.write(root / "data", 512, 100, seed=1)
-  return root, root / "data", tiny_bert_with_tokenizer(root / "model")
+  return demo_setup(tmp_path_factory.mktemp("faults"), 512, 100, seed=1)
 
 
 def test_sigterm_saves_current_step_and_resumes(setup):

@@ -11,9 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from bertjax import demo_data
 from bertjax.workdir import load_run
-from conftest import tiny_bert_with_tokenizer
+from conftest import demo_setup
 from test_train import REPO
 
 OVERRIDES = ("--config.train.max_steps=12", "--config.train.eval_every_steps=6", "--config.train.log_every_steps=1",
@@ -36,9 +35,7 @@ def start(workdir, data, model, devices, *extra, env=None):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  root = tmp_path_factory.mktemp("multihost")
-  demo_data.write(root / "data", 256, 50, seed=2)
-  return root, root / "data", tiny_bert_with_tokenizer(root / "model")
+  return demo_setup(tmp_path_factory.mktemp("multihost"), 256, 50, seed=2)
 
 
 def train_losses(workdir):

@@ -13,9 +13,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from bertjax import checkpoint, demo_data, flops, run_log, sweep
+from bertjax import checkpoint, flops, run_log, sweep
 from bertjax.errors import UserError
-from conftest import tiny_bert_with_tokenizer
+from conftest import demo_setup
 from test_train import demo_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,10 +24,7 @@ STEPS = {"train.max_steps": 4, "train.eval_every_steps": 2, "train.log_every_ste
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  root = tmp_path_factory.mktemp("sweep")
-  demo_data.write(root / "data", 96, 40, seed=0)
-  model = tiny_bert_with_tokenizer(root / "model")
-  return root, root / "data", model
+  return demo_setup(tmp_path_factory.mktemp("sweep"), 96, 40, seed=0)
 
 
 def base_config(setup, **overrides):

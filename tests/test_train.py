@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from bertjax import demo_data, trainer
+from bertjax import trainer
 from bertjax.errors import UserError
 from bertjax.workdir import load_run
-from conftest import make_hf_classifier, tiny_bert_with_tokenizer
+from conftest import demo_setup, make_hf_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,10 +45,7 @@ def cli(workdir, data_dir, model_dir, *overrides, timeout=300):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  root = tmp_path_factory.mktemp("train")
-  demo_data.write(root / "data", 512, 100, seed=0)
-  model = tiny_bert_with_tokenizer(root / "model")
-  return root, root / "data", model
+  return demo_setup(tmp_path_factory.mktemp("train"), 512, 100, seed=0)
 
 
 @pytest.fixture(scope="module")
