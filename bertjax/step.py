@@ -41,17 +41,25 @@ def _sums(model: SequenceClassifier, params, batch, regression: bool, dropout_ke
 
 def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation, schedule: Callable,
                     regression: bool, grad_accum_steps: int = 1, skip_nonfinite: bool = False) -> Callable:
-  """The step: gradients summed over `grad_accum_steps` row chunks, then divided by the number of
-  real examples in the whole batch, so accumulation and partial batches give the exact mean.
+  """The step: the loss of each real example divided by the number of real examples in the whole
+  batch (known from `example_mask` before the forward pass), summed over `grad_accum_steps` row
+  chunks, so accumulation and partial batches give the exact mean and the gradients need no
+  separate division pass over every parameter.
 
   With `skip_nonfinite`, a step whose loss or gradients are not finite leaves params and optimizer
   state unchanged (the step counter still advances) and reports `skipped` = 1."""
 
   def train_step(state: TrainState, batch: dict):
     step_key = jax.random.fold_in(state.rng, state.step)
-    vg = jax.value_and_grad(lambda p, b, k: _sums(model, p, b, regression, k), has_aux=True)
+    denom = jnp.maximum(jnp.sum(batch["example_mask"]), 1.0)
+
+    def mean_loss(p, b, k):
+      loss_sum, aux = _sums(model, p, b, regression, k)
+      return loss_sum / denom, aux
+
+    vg = jax.value_and_grad(mean_loss, has_aux=True)
     if grad_accum_steps == 1:
-      (loss_sum, (correct, count)), grads = vg(state.params, batch, step_key)
+      (loss, (correct, count)), grads = vg(state.params, batch, step_key)
     else:
       chunks = jax.tree.map(lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
                             batch)
@@ -64,19 +72,17 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
-      (grads, loss_sum, correct, count), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum_steps), chunks))
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+      (grads, loss, correct, count), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum_steps), chunks))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     skipped = jnp.zeros((), jnp.int32)
     if skip_nonfinite:
-      ok = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
       params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
       skipped = (~ok).astype(jnp.int32)
-    metrics = {"loss": loss_sum / denom, "accuracy": correct / denom, "examples": count,
+    metrics = {"loss": loss, "accuracy": correct / denom, "examples": count,
                "grad_norm": grad_norm, "learning_rate": schedule(state.step), "skipped": skipped}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
