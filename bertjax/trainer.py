@@ -31,6 +31,16 @@ from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, TrainState, make_train_step
 
 
+_PEAK_FLOPS: list[float] = []  # the machine's matmul peak, measured once per process and shared by its runs
+
+
+def _matmul_peak() -> float:
+  """The f32 matmul peak that MFU divides by (a sweep's trials, one process, measure it once)."""
+  if not _PEAK_FLOPS:
+    _PEAK_FLOPS.append(flops.measure_matmul_peak())
+  return _PEAK_FLOPS[0]
+
+
 class WriteFailed(Exception):
   """The workdir could not be written (disk full, permissions): reported in one line, exit code 1."""
 
@@ -536,10 +546,8 @@ class Trainer:
   def _write_summary(self, member: Member, step, epochs_completed, stats, evaluator, train_step, done=False,
                      stopped_by=None) -> dict:
     """Writes the member's summary.json (not for a failed member, as a run that raised writes none)."""
-    if not hasattr(self, "_peak"):
-      self._peak = flops.measure_matmul_peak()
     compiled = self._compiled(train_step, evaluator)
-    summary = {**run_summary.make_summary(self, member, step, epochs_completed, stats, self._peak, compiled, done,
+    summary = {**run_summary.make_summary(self, member, step, epochs_completed, stats, _matmul_peak(), compiled, done,
                                           stopped_by), **self._summary_extra(member)}
     if member.error:
       summary["error"] = member.error

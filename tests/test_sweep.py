@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from bertjax import checkpoint, flops, run_log, sweep
+from bertjax import checkpoint, run_log, sweep, trainer
 from bertjax.errors import UserError
 from conftest import demo_setup
 from test_train import demo_config
@@ -56,7 +56,7 @@ def fast_trials(setup):
   jax.config.update("jax_compilation_cache_dir", str(setup[0] / "xla"))
   compilation_cache.reset_cache()
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(flops, "measure_matmul_peak", lambda: 1e11)
+    patch.setattr(trainer, "_PEAK_FLOPS", [1e11])  # restored afterwards, so later tests measure
     yield
   jax.config.update("jax_compilation_cache_dir", old)
   compilation_cache.reset_cache()
