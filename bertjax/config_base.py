@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
       max_per_row=16,  # at most this many examples packed in one row
       shuffle_seed=-1,  # seed of the training batch order; -1 = train.seed. Fix it (>= 0) to let the
       # trials of a trial group differ in train.seed (then only head init and dropout differ)
+      num_shards=0,  # contiguous data shards, each filling its block of every batch; 0 = one per
+      # process, so each host reads and tokenizes only its own. Results depend on it, not on the
+      # number of hosts or devices: fix it to resume a run on another topology exactly
   )
   c.train = dict(
       global_batch_size=32,

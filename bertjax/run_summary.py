@@ -35,7 +35,7 @@ def make_summary(trainer, member, step: int, epochs_completed: float, stats: dic
       "model": config.model.name_or_path,
       "family": trainer.model_cfg.family,
       "task": data.task,
-      "num_train_examples": len(data.train.examples),
+      "num_train_examples": len(data.train),
       "num_eval_examples": pipeline.example_count(data.eval),
       "global_batch_size": config.train.global_batch_size,
       "steps": step,

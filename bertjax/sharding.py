@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bertjax.errors import UserError
@@ -55,6 +56,23 @@ def state_shardings(abstract_state, mesh: Mesh):
 def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
   """One jax.Array per key from each host's rows (the global batch is their concatenation)."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def gather_from_processes(local: np.ndarray) -> np.ndarray:
+  """Every process's array (32-bit, any leading length) concatenated in process order, on every
+  process: how hosts that each read one data shard learn the lengths and labels of all shards."""
+  if jax.process_count() == 1:
+    return local
+  try:
+    counts = np.asarray(multihost_utils.process_allgather(np.array([len(local)], np.int32))).reshape(-1)
+    padded = np.zeros((max(int(counts.max()), 1),) + local.shape[1:], local.dtype)
+    padded[:len(local)] = local
+    everyone = np.asarray(multihost_utils.process_allgather(padded))
+  except jax.errors.JaxRuntimeError:
+    # Typically another process stopped on bad data in its shard and said so in its own output.
+    raise UserError(f"process {jax.process_index()}: another process stopped while the processes "
+                    "exchanged their data shards' lengths and labels (see its output)") from None
+  return np.concatenate([everyone[p, :n] for p, n in enumerate(counts)]).astype(local.dtype)
 
 
 def local_rows_multiple(mesh: Mesh) -> int:

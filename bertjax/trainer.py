@@ -202,7 +202,7 @@ class Trainer:
         config.data, self.tokenizer, base_cfg, cache_dir, global_batch_size=tc.global_batch_size,
         eval_batch_size=eval_batch, seed=tc.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), row_multiple=local_devices * tc.grad_accum_steps,
-        label_names=saved_labels)
+        label_names=saved_labels, gather=sharding.gather_from_processes)
 
   def _saved_label_names(self):
     path = self.workdir / "labels.json"
@@ -531,9 +531,12 @@ class Trainer:
     log(f"model: {self.model_cfg.family} {self.config.model.name_or_path} ({self.model_cfg.num_layers} layers, "
         f"hidden {self.model_cfg.hidden_size}, {self.data.num_labels} labels, {self.dtype}"
         f"{' (auto)' if self.config.model.dtype == 'auto' else ''})")
-    log(f"data: {len(d.train.examples)} train / {pipeline.example_count(d.eval)} eval examples; "
+    shards = d.train.batcher.num_shards
+    own = (f", {shards} shards, {len(d.train.examples)} train examples read by this host"
+           if len(d.train.examples) < len(d.train) else (f", {shards} shards" if shards > 1 else ""))
+    log(f"data: {len(d.train)} train / {pipeline.example_count(d.eval)} eval examples; "
         f"{self.steps_per_epoch} steps per epoch; padding {d.train.batcher.padding_fraction(0):.1%} "
-        f"({'packed' if self.config.data.packing else 'length buckets'})")
+        f"({'packed' if self.config.data.packing else 'length buckets'}{own})")
     log(f"optimizer: {self.config.optimizer.name}, effective learning rate {self.effective_lr:.3g}{lr_note}, "
         f"{self.total_steps} steps, batch {tc.global_batch_size} on mesh {dict(self.mesh.shape)}"
         + (f", resuming at step {step}" if step else ""))

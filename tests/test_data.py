@@ -83,6 +83,24 @@ def test_csv_quoted_files_are_unescaped():
              for t in snli.texts for s in t)
 
 
+@pytest.mark.parametrize("name,fields,label,options", [
+    ("glue_rte/validation.tsv", ("sentence1", "sentence2"), "label", {}),
+    ("thucnews_titles/dev.txt", 0, 1, {"has_header": False})])
+def test_shards_of_a_file_are_its_contiguous_blocks(name, fields, label, options, tmp_path):
+  whole = read(name, fields, label, **options)
+  shards = [read(name, fields, label, shard=(k, 3), **options) for k in range(3)]
+  assert [s.start for s in shards] == [0, len(whole) // 3, 2 * len(whole) // 3]
+  assert {s.total for s in shards} == {len(whole)}
+  for attr in ("texts", "labels", "line_numbers"):
+    assert sum((getattr(s, attr) for s in shards), []) == getattr(whole, attr)
+  # A bad row is reported by the shard that holds it, with its file line; the others read fine.
+  bad = tmp_path / "bad.tsv"
+  bad.write_text("sentence\tlabel\n" + "".join(f"text {i}\t{i % 2}\n" for i in range(9)) + "oops\n")
+  assert len(sources.read_examples(bad, "sentence", "label", shard=(0, 2))) == 5
+  one_line_error(lambda: sources.read_examples(bad, "sentence", "label", shard=(1, 2)), "bad.tsv:11")
+  assert len(sources.read_examples(bad, "sentence", "label", shard=(0, 20))) == 0  # an empty shard
+
+
 def test_plain_tsv_keeps_stray_quotes():
   ex = read("glue_stsb/dev.tsv", ("sentence1", "sentence2"), "score", task="regression")
   i = next(i for i, t in enumerate(ex.texts) if t[0].startswith("The assertion is false"))
@@ -395,15 +413,56 @@ def test_epoch_covers_every_example_once(rte_pairs, packing, process_count, shuf
 
 
 def test_plan_is_deterministic_and_keeps_the_remainder():
-  lengths = np.ones(103)
-  plan = batching.plan_epoch(lengths, 10, seed=7, epoch=2, shuffle=True)
-  assert plan == batching.plan_epoch(lengths, 10, seed=7, epoch=2, shuffle=True)
-  assert plan != batching.plan_epoch(lengths, 10, seed=7, epoch=3, shuffle=True)
-  assert plan != batching.plan_epoch(lengths, 10, seed=8, epoch=2, shuffle=True)
+  tokenized = tok.Tokenized([np.ones(3, np.int32)] * 103, [np.zeros(3, np.int32)] * 103,
+                                 np.full(103, 3, np.int32), pad_id=0)
+  make = lambda seed=7, **kw: batching.Batcher(tokenized, None, global_batch_size=10, max_length=16,
+                                               seed=seed, **kw)
+  plan = make().plan(2)
+  assert plan == make().plan(2)
+  assert plan != make().plan(3)
+  assert plan != make(8).plan(2)
   assert [len(s) for s in plan] == [10] * 10 + [3]
   assert sorted(sum(plan, [])) == list(range(103))
-  assert batching.plan_epoch(lengths, 10, 7, 2, shuffle=False)[0] == list(range(10))
-  assert len(batching.plan_epoch(lengths, 10, 7, 2, True, drop_remainder=True)) == 10
+  assert make(shuffle=False).plan(2)[0] == list(range(10))
+  assert len(make(drop_remainder=True).plan(2)) == 10
+
+
+def _shard(tokenized: tok.Tokenized, start: int, stop: int) -> tok.Tokenized:
+  return tok.Tokenized(tokenized.ids[start:stop], tokenized.type_ids[start:stop],
+                            tokenized.lengths[start:stop], tokenized.pad_id)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_hosts_holding_only_their_shard_build_the_batches_of_one_host_reading_all(rte_pairs, packing):
+  """num_shards=2: host p of 2, given only the tokens of shard p (and every length and label),
+  yields exactly the rows that one process with all the tokens puts in host p's half."""
+  tokenized, labels = rte_pairs
+  common = dict(global_batch_size=24, max_length=64, packing=packing, max_per_row=4, seed=3,
+                num_shards=2, row_multiple=2)
+  one = batching.Batcher(tokenized, labels, **common)
+  n = len(tokenized)
+  hosts = []
+  for p in range(2):
+    start, stop = batching.shard_bounds(n, p, 2)
+    hosts.append(batching.Batcher(_shard(tokenized, start, stop), labels, lengths=tokenized.lengths,
+                                  local_start=start, process_index=p, process_count=2, **common))
+  assert hosts[0].plan(1) == hosts[1].plan(1) == one.plan(1)
+  seen = []
+  for whole, *parts in zip(one.iterate(1), hosts[0].iterate(1), hosts[1].iterate(1)):
+    for key in whole:
+      assert (np.concatenate([b[key] for b in parts]) == whole[key]).all(), key
+    for p, b in enumerate(parts):  # each half holds only its own shard's examples
+      ids = b["example_ids"][b["example_ids"] >= 0]
+      start, stop = batching.shard_bounds(n, p, 2)
+      assert ((ids >= start) & (ids < stop)).all()
+      seen += ids.tolist()
+  assert sorted(seen) == list(range(n))
+  # Two shards make a plan of their own (each shard shuffled apart), the same on any host count.
+  assert one.plan(1) != batching.Batcher(tokenized, labels, **{**common, "num_shards": 1}).plan(1)
+  with pytest.raises(RuntimeError, match="not among this host's examples"):
+    start, stop = batching.shard_bounds(n, 0, 2)
+    next(batching.Batcher(_shard(tokenized, start, stop), labels, lengths=tokenized.lengths,
+                          process_index=1, process_count=2, **common).iterate(1))
 
 
 def test_packed_plan_is_deterministic(rte_pairs):

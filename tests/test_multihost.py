@@ -45,9 +45,10 @@ def train_losses(workdir):
 
 @pytest.fixture(scope="module")
 def one_process(setup):
-  """1 process x 4 devices: what every multi-process layout must reproduce."""
+  """1 process x 4 devices reading the 2 data shards that 2 processes read one each by default:
+  what every multi-process layout must reproduce."""
   root, data, model = setup
-  single = start(root / "one", data, model, 4)
+  single = start(root / "one", data, model, 4, "--config.data.num_shards=2")
   out, _ = single.communicate(timeout=300)
   assert single.returncode == 0, out[-3000:]
   return root / "one"
@@ -61,7 +62,11 @@ def assert_same_run(a_dir, b_dir):
   np.testing.assert_allclose(a_eval, b_eval, rtol=1e-6)
   a, b = load_run(a_dir, "latest"), load_run(b_dir, "latest")
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a.params, b.params)
-  assert json.loads((b_dir / "summary.json").read_text())["num_eval_examples"] == 50
+  summary = json.loads((b_dir / "summary.json").read_text())
+  assert (summary["num_train_examples"], summary["num_eval_examples"]) == (256, 50)
+  # Each process tokenized only its shard of each split: 4 half-size token caches, not 2 whole ones.
+  sizes = sorted(len(np.load(f)["lengths"]) for f in (b_dir / "cache").glob("tokens-*.npz"))
+  assert sizes == [25, 25, 128, 128], sizes
 
 
 def test_two_processes_match_one_process(setup, one_process):
@@ -72,6 +77,7 @@ def test_two_processes_match_one_process(setup, one_process):
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
+  assert "2 shards, 128 train examples read by this host" in outs[0], outs[0][-3000:]
   assert_same_run(one_process, root / "two")
 
 
@@ -119,3 +125,20 @@ def test_killing_one_process_fails_the_other(setup):
       if p.poll() is None:
         p.kill()
   assert procs[0].returncode != 0 and time.time() - t0 < 60
+
+
+def test_a_bad_row_in_one_shard_stops_both_processes_with_one_line(setup, tmp_path):
+  """Process 1 alone reads the malformed last row; process 0, waiting to learn the other shard's
+  lengths, stops too instead of hanging."""
+  root, data, model = setup
+  bad = tmp_path / "data"
+  bad.mkdir()
+  (bad / "dev.tsv").write_text((data / "dev.tsv").read_text())
+  (bad / "train.tsv").write_text((data / "train.tsv").read_text() + "a row without its label\n")
+  port = free_port()
+  procs = [start(tmp_path / "run", bad, model, 1, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}") for i in range(2)]
+  outs = [p.communicate(timeout=180)[0].strip().splitlines() for p in procs]
+  assert [p.returncode for p in procs] == [2, 2], outs
+  assert outs[1][-1] == f"error: {bad / 'train.tsv'}:258: expected 2 fields, found 1 (malformed row)"
+  assert outs[0][-1].startswith("error: process 0: another process stopped"), outs[0][-5:]

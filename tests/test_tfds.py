@@ -60,6 +60,12 @@ def test_tfds_split_reads_the_same_examples_as_the_tsv(data_dir):
   assert got == want
   sliced = sources.read_examples("tfds:sst2_sample:train[:10%]", "sentence", "label", tfds_data_dir=str(data_dir))
   assert len(sliced) == 60
+  # Each host's shard: only its block of records, numbered as in the whole split.
+  shards = [sources.read_examples("tfds:sst2_sample:validation", "sentence", "label", tfds_data_dir=str(data_dir),
+                                  shard=(k, 3)) for k in range(3)]
+  assert [len(s) for s in shards] == [66, 67, 67] and [s.start for s in shards] == [0, 66, 133]
+  assert sum((s.texts for s in shards), []) == ex.texts and sum((s.labels for s in shards), []) == ex.labels
+  assert shards[1].line_numbers[0] == ex.line_numbers[66] == 67
 
 
 def test_tfds_errors_are_one_line(data_dir):

@@ -1,12 +1,16 @@
 """Deterministic global batch plans and this host's share of each batch.
 
-Every host computes the same plan from (seed, epoch) and the global token lengths, so all
-hosts agree on each step's examples and array shapes without talking to each other; each then
-materialises only its own rows (see the batch contract in `bertjax.data`).
+The examples are split into `num_shards` contiguous shards, and each shard fills its own equal
+block of every step's rows (shuffled, packed or batched on its own). Every host computes the same
+plan from (seed, epoch) and the global token lengths, so all hosts agree on each step's examples
+and array shapes without talking to each other; each then materialises only its own rows, which
+come from its own shards when it owns num_shards / process_count of them (so it only needs the
+tokens of those). The plan depends on num_shards, never on the number of hosts or devices.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -17,22 +21,16 @@ from bertjax.errors import UserError
 Batch = dict[str, np.ndarray]
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-  """The order examples are visited in an epoch: a permutation from (seed, epoch), or 0..n-1."""
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, shard: int | None = None) -> np.ndarray:
+  """The order examples are visited in an epoch: a permutation from (seed, epoch[, shard]), or 0..n-1."""
   if shuffle:
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    return np.random.default_rng([seed, epoch] + ([] if shard is None else [shard])).permutation(n)
   return np.arange(n)
 
 
-def plan_epoch(lengths: Sequence[int] | np.ndarray, global_batch_size: int, seed: int,
-               epoch: int, shuffle: bool, drop_remainder: bool = False) -> list[list[int]]:
-  """Example indices of each global step; the last partial batch is kept unless dropped."""
-  n = len(lengths)
-  if global_batch_size < 1:
-    raise UserError(f"global batch size must be >= 1, got {global_batch_size}")
-  order = epoch_order(n, seed, epoch, shuffle)
-  stop = n - n % global_batch_size if drop_remainder else n
-  return [order[i:i + global_batch_size].tolist() for i in range(0, stop, global_batch_size)]
+def shard_bounds(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+  """[start, stop) of a shard's examples: contiguous, sizes differ by at most one."""
+  return n * shard // num_shards, n * (shard + 1) // num_shards
 
 
 def length_buckets(max_length: int, smallest: int = 16) -> list[int]:
@@ -96,14 +94,6 @@ def pack_stream(lengths: np.ndarray, order: Sequence[int], rows: int, max_length
     steps.append(packed)
 
 
-def host_slice(step: Sequence[int], process_index: int, process_count: int) -> list[int]:
-  """This host's contiguous share of a step's examples (balanced for a partial last step)."""
-  n = len(step)
-  start = n * process_index // process_count
-  stop = n * (process_index + 1) // process_count
-  return list(step[start:stop])
-
-
 def real_tokens(batch: Batch) -> int:
   """Real (non-padding) tokens in a batch."""
   return int(np.count_nonzero(batch["segment_ids"]))
@@ -117,15 +107,19 @@ class Batcher:
   shuffled example stream (`pack_stream`); rows are chosen from the mean example length so that
   `global_batch_size` is the mean number of examples per step, and the number of steps per epoch
   can differ by a step or two between epochs (`steps_in_epoch`).
+  With several shards, each shard fills rows // num_shards rows of every step; a shard that runs
+  out before the others leaves its rows empty in the epoch's last steps.
   """
 
   def __init__(self, tokenized: Tokenized, labels: np.ndarray | None, *,
                global_batch_size: int, max_length: int, packing: bool = False,
                max_per_row: int = 16, seed: int = 0, shuffle: bool = True,
                drop_remainder: bool = False, process_index: int = 0,
-               process_count: int = 1, row_multiple: int = 1, lookahead: int = 256):
-    """labels: int32 ids or float32 scores per example, None for unlabelled data.
-
+               process_count: int = 1, row_multiple: int = 1, lookahead: int = 256,
+               num_shards: int = 1, lengths: np.ndarray | None = None, local_start: int = 0):
+    """tokenized: the examples [local_start, local_start + len(tokenized)) of the whole set, whose
+    token `lengths` (all examples) are given when this host holds only part of it.
+    labels: int32 ids or float32 scores per example (all examples), None for unlabelled data.
     row_multiple: rows per host must be a multiple of it (the local device count times the
     accumulation steps, so rows shard evenly); packed row counts are rounded to it.
     lookahead: packed steps choose among the next (examples per step + lookahead) examples.
@@ -135,22 +129,28 @@ class Batcher:
       raise UserError(f"process index {process_index} not in [0, {process_count})")
     if global_batch_size < 1:
       raise UserError(f"global batch size must be >= 1, got {global_batch_size}")
-    if not packing and global_batch_size % process_count:
+    if num_shards < 1:
+      raise UserError(f"data.num_shards must be >= 1, got {num_shards}")
+    if not packing and global_batch_size % math.lcm(process_count, num_shards):
       raise UserError(f"global batch size {global_batch_size} is not divisible by the "
-                      f"{process_count} processes")
+                      f"{process_count} processes and {num_shards} data shards")
     if not packing and (global_batch_size // process_count) % row_multiple:
       raise UserError(f"{global_batch_size // process_count} rows per host are not divisible by "
                       f"{row_multiple} devices")
     if max_per_row < 1:
       raise UserError(f"max_per_row must be >= 1, got {max_per_row}")
-    longest = int(tokenized.lengths.max(initial=0))
+    self.lengths = np.asarray(tokenized.lengths if lengths is None else lengths, np.int64)
+    if not 0 <= local_start <= local_start + len(tokenized) <= len(self.lengths):
+      raise ValueError(f"examples [{local_start}, {local_start + len(tokenized)}) outside the "
+                       f"{len(self.lengths)} examples")
+    longest = int(self.lengths.max(initial=0))
     if longest > max_length:
       raise UserError(f"an example has {longest} tokens, more than max_length={max_length}")
-    if labels is not None and len(labels) != len(tokenized):
-      raise UserError(f"{len(labels)} labels for {len(tokenized)} examples")
+    if labels is not None and len(labels) != len(self.lengths):
+      raise UserError(f"{len(labels)} labels for {len(self.lengths)} examples")
     self.tokenized = tokenized
+    self.local_start = local_start
     self.pad_id = tokenized.pad_id  # fills input_ids where segment_ids == 0
-    self.lengths = np.asarray(tokenized.lengths, np.int64)
     self.labels = labels
     self.label_dtype = np.float32 if labels is not None and labels.dtype.kind == "f" else np.int32
     self.global_batch_size = global_batch_size
@@ -162,26 +162,42 @@ class Batcher:
     self.drop_remainder = drop_remainder and not packing
     self.process_index = process_index
     self.process_count = process_count
+    self.num_shards = num_shards
     self.buckets = length_buckets(max_length)
     if packing:
       mean = float(self.lengths.mean()) if len(self.lengths) else 1.0
-      self.rows_per_step = stream_rows(global_batch_size, mean, max_length, row_multiple * process_count)
-      self.window = int(np.ceil(self.rows_per_step * max_length / mean)) + lookahead
+      multiple = math.lcm(row_multiple * process_count, num_shards)
+      self.rows_per_step = stream_rows(global_batch_size, mean, max_length, multiple)
+      self.window = int(np.ceil(self.rows_per_step // num_shards * max_length / mean)) + lookahead
     else:
       self.rows_per_step = global_batch_size
     self.rows_per_host = self.rows_per_step // process_count
     self._cached: tuple[int, list] | None = None  # (epoch, layout) of the last epoch asked for
 
+  def _shard_steps(self, shard: int, epoch: int) -> list[list[list[int]]]:
+    """Rows (example indices per row) of each step of one shard's block."""
+    start, stop = shard_bounds(len(self.lengths), shard, self.num_shards)
+    order = start + epoch_order(stop - start, self.seed, epoch, self.shuffle,
+                                shard if self.num_shards > 1 else None)
+    rows = self.rows_per_step // self.num_shards
+    if self.packing:
+      return pack_stream(self.lengths, order, rows, self.max_length, self.max_per_row, self.window)
+    end = len(order) - len(order) % rows if self.drop_remainder else len(order)
+    return [[[int(i)] for i in order[k:k + rows]] for k in range(0, end, rows)]
+
   def _epoch(self, epoch: int) -> list[list[list[int]]]:
-    """Global rows (example indices per row) of each step; unpacked rows hold one example."""
+    """Global rows (example indices per row, [] for an empty row) of each step; unpacked rows hold
+    one example."""
     if self._cached is None or self._cached[0] != epoch:
-      if self.packing:
-        order = epoch_order(len(self.lengths), self.seed, epoch, self.shuffle)
-        steps = pack_stream(self.lengths, order, self.rows_per_step, self.max_length, self.max_per_row,
-                            self.window)
-      else:
-        steps = [[[i] for i in step] for step in plan_epoch(
-            self.lengths, self.global_batch_size, self.seed, epoch, self.shuffle, self.drop_remainder)]
+      shards = [self._shard_steps(s, epoch) for s in range(self.num_shards)]
+      rows = self.rows_per_step // self.num_shards
+      steps = []
+      for t in range(max(len(blocks) for blocks in shards)):
+        step: list[list[int]] = []
+        for blocks in shards:
+          block = blocks[t] if t < len(blocks) else []
+          step += block + [[] for _ in range(rows - len(block))]
+        steps.append(step)
       self._cached = (epoch, steps)
     return self._cached[1]
 
@@ -204,12 +220,12 @@ class Batcher:
 
   def _layout(self, step: list[list[int]]) -> tuple[list[list[int]], int, int]:
     """This host's rows (example indices per row) and the step's (rows, length)."""
+    start = self.rows_per_host * self.process_index
+    mine = step[start:start + self.rows_per_host]
     if self.packing:
-      start = self.rows_per_host * self.process_index
-      return step[start:start + self.rows_per_host], self.rows_per_host, self.max_length
-    longest = int(max(self.lengths[row[0]] for row in step))
-    length = next(b for b in self.buckets if b >= longest)
-    return host_slice(step, self.process_index, self.process_count), self.rows_per_host, length
+      return mine, self.rows_per_host, self.max_length
+    longest = int(max(self.lengths[row[0]] for row in step if row))
+    return mine, self.rows_per_host, next(b for b in self.buckets if b >= longest)
 
   def _materialise(self, rows_ex: list[list[int]], rows: int, length: int) -> Batch:
     slots = self.max_per_row
@@ -229,8 +245,12 @@ class Batcher:
       for k, i in enumerate(examples):
         n = int(self.lengths[i])
         end = start + n
-        batch["input_ids"][r, start:end] = tok.ids[i]
-        batch["token_type_ids"][r, start:end] = tok.type_ids[i]
+        local = i - self.local_start
+        if not 0 <= local < len(tok):
+          raise RuntimeError(f"example {i} is not among this host's examples "
+                             f"[{self.local_start}, {self.local_start + len(tok)})")
+        batch["input_ids"][r, start:end] = tok.ids[local]
+        batch["token_type_ids"][r, start:end] = tok.type_ids[local]
         batch["segment_ids"][r, start:end] = k + 1
         batch["position_ids"][r, start:end] = np.arange(n)
         batch["cls_index"][r, k] = start

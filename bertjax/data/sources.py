@@ -35,12 +35,15 @@ class Examples:
   labels hold str for classification, float for regression, None for unlabelled data.
   line_numbers are 1-based file lines (the row's first line) or tfds record numbers.
   label_names is set when the source itself declares class names (tfds ClassLabel).
+  A shard of a source holds its examples [start, start + len) of `total`.
   """
   texts: list[tuple[str, ...]]
   labels: list[Any]
   line_numbers: list[int]
   source: str
   label_names: list[str] | None = None
+  start: int = 0
+  total: int | None = None  # None: the whole source
 
   def __len__(self) -> int:
     return len(self.texts)
@@ -53,13 +56,21 @@ class Examples:
 def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
                   label_field: Field | None = None, *, has_header: bool = True,
                   task: str = "classification", quoting: str = "auto",
-                  on_bad_row: Callable[[str], None] | None = None, tfds_data_dir: str = "") -> Examples:
+                  on_bad_row: Callable[[str], None] | None = None, tfds_data_dir: str = "",
+                  shard: tuple[int, int] = (0, 1)) -> Examples:
   """Reads examples from a local file (by extension) or a `tfds:NAME[/CONFIG]:SPLIT` spec
   (prepared in `tfds_data_dir`, or tfds's default folder / $TFDS_DATA_DIR when empty).
 
   A malformed row raises a UserError naming its line; with `on_bad_row`, the message is passed
   to it instead and the row skipped (a file the csv reader cannot parse still fails).
+  shard=(k, K): only the k-th of K contiguous blocks of rows is decoded, checked and returned
+  (a file is still scanned to find the rows; a tfds split is read by record index).
   """
+  index, count = shard
+  if not 0 <= index < count:
+    raise ValueError(f"shard {index} not in [0, {count})")
+  if count > 1 and on_bad_row is not None:
+    raise ValueError("skipping bad rows would shift the rows of later shards")
   fields = _check_fields(text_fields)
   label_field = None if label_field == "" else label_field
   if task not in TASKS:
@@ -69,7 +80,7 @@ def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
   source = str(source)
   match = _TFDS_RE.match(source)
   if match:
-    return _read_tfds(source, match.group(1), match.group(2), fields, label_field, task, tfds_data_dir)
+    return _read_tfds(source, match.group(1), match.group(2), fields, label_field, task, tfds_data_dir, shard)
   if source.startswith("tfds:"):
     raise UserError(f"bad tfds source {source!r}: expected tfds:NAME[/CONFIG]:SPLIT")
   path = Path(source)
@@ -93,7 +104,12 @@ def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
   else:
     raise UserError(f"unsupported data file type {suffix!r} for {path}: "
                     "use .tsv, .txt (tab-separated), .csv or .jsonl")
-  return _collect(str(path), rows, header, fields, label_field, task, on_bad_row)
+  if count == 1:
+    return _collect(str(path), rows, header, fields, label_field, task, on_bad_row)
+  rows = list(rows)
+  start, stop = len(rows) * index // count, len(rows) * (index + 1) // count
+  return _collect(str(path), iter(rows[start:stop]), header, fields, label_field, task,
+                  start=start, total=len(rows))
 
 
 def read_label_names(path: str | Path) -> list[str]:
@@ -279,7 +295,8 @@ def _column(field: Field, header: list[str] | None, width: int, where: str) -> i
 
 def _collect(source: str, rows: Iterator[tuple[int, Any]], header: list[str] | None,
              fields: tuple[Field, ...], label_field: Field | None, task: str,
-             on_bad_row: Callable[[str], None] | None = None) -> Examples:
+             on_bad_row: Callable[[str], None] | None = None, start: int = 0,
+             total: int | None = None) -> Examples:
   texts, labels, lines = [], [], []
   getter = None
   width = len(header) if header is not None else None
@@ -296,9 +313,9 @@ def _collect(source: str, rows: Iterator[tuple[int, Any]], header: list[str] | N
     texts.append(example[0])
     labels.append(example[1])
     lines.append(line)
-  if not texts:
+  if not texts and not total:  # a shard may be empty, its source not
     raise UserError(f"{source}: no data rows")
-  return Examples(texts, labels, lines, source)
+  return Examples(texts, labels, lines, source, start=start, total=total)
 
 
 def _row_example(source, line, row, header, fields, label_field, task, getter, width):
@@ -370,7 +387,8 @@ def _short(names: Sequence[str], limit: int = 10) -> str:
 
 
 def _read_tfds(source: str, name: str, split: str, fields: tuple[Field, ...],
-               label_field: Field | None, task: str, data_dir: str = "") -> Examples:
+               label_field: Field | None, task: str, data_dir: str = "",
+               shard: tuple[int, int] = (0, 1)) -> Examples:
   """Random-access records of a prepared (array_record) tfds split, read through grain threads; no
   TensorFlow needed. Downloading and preparing a dataset is tfds's job (`tfds build`, or `tfds.load`
   with TensorFlow), done once where there is network."""
@@ -404,8 +422,11 @@ def _read_tfds(source: str, name: str, split: str, fields: tuple[Field, ...],
       out[label_field] = None if names and value == -1 else _tfds_text(value)
     return out
 
-  rows = grain.MapDataset.source(data).map(row).to_iter_dataset(grain.ReadOptions(num_threads=8))
-  examples = _collect(source, enumerate(rows, start=1), None, fields, label_field, task)
+  total = len(data)
+  start, stop = total * shard[0] // shard[1], total * (shard[0] + 1) // shard[1]
+  rows = grain.MapDataset.source(data)[start:stop].map(row).to_iter_dataset(grain.ReadOptions(num_threads=8))
+  sharded = {"start": start, "total": total} if shard[1] > 1 else {}
+  examples = _collect(source, enumerate(rows, start=start + 1), None, fields, label_field, task, **sharded)
   return dataclasses.replace(examples, label_names=names)
 
 

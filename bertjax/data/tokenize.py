@@ -185,6 +185,7 @@ def cache_key(examples: Examples, text_fields: Sequence[Any], tokenizer: Any, ma
   else:  # tfds: the name and split identify the data
     origin = [examples.source]
   key = {"version": _CACHE_VERSION, "origin": origin, "n": len(examples),
+         **({"rows": [examples.start, examples.total]} if examples.total is not None else {}),
          "fields": [str(f) for f in text_fields], "tokenizer": tokenizer_fingerprint(tokenizer),
          "max_length": max_length, "truncation": truncation,
          "use_token_types": use_token_types}
