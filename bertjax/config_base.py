@@ -35,8 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
       shuffle_seed=-1,  # seed of the training batch order; -1 = train.seed. Fix it (>= 0) to let the
       # trials of a trial group differ in train.seed (then only head init and dropout differ)
       num_shards=0,  # contiguous data shards, each filling its block of every batch; 0 = one per
-      # process, so each host reads and tokenizes only its own. Results depend on it, not on the
-      # number of hosts or devices: fix it to resume a run on another topology exactly
+      # process (recorded in the workdir's config.json), so each host reads and tokenizes only its
+      # own; when it is not a multiple of the processes, every process reads everything. Batches
+      # depend on it, not on the number of processes: fix it to resume with another process count
   )
   c.train = dict(
       global_batch_size=32,

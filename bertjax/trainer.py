@@ -87,6 +87,7 @@ def _check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) -
     return
   saved, now = json.loads(saved_path.read_text()), _config_snapshot(config)
   defaults = _config_snapshot(base_config())
+  saved.setdefault("data", {}).setdefault("num_shards", 1)  # before data.num_shards: one global plan
   for group in ("model", "data"):
     for key in sorted(set(saved.get(group, {})) | set(now.get(group, {}))):
       if key not in saved.get(group, {}) and now[group].get(key) == defaults[group].get(key):
@@ -147,6 +148,8 @@ class Trainer:
     self.dtype = resolve_dtype(config.model.dtype)
     if config.data.task not in ("classification", "regression"):
       raise UserError(f"data.task must be classification or regression, got {config.data.task!r}")
+    if not config.data.num_shards:  # one shard per process, recorded so a resume reads the same shards
+      config.data.num_shards = jax.process_count()
     if (self.workdir / "checkpoints").exists():
       _check_resume_compatible(self.workdir, config)
 

@@ -99,6 +99,36 @@ def test_shards_of_a_file_are_its_contiguous_blocks(name, fields, label, options
   assert len(sources.read_examples(bad, "sentence", "label", shard=(0, 2))) == 5
   one_line_error(lambda: sources.read_examples(bad, "sentence", "label", shard=(1, 2)), "bad.tsv:11")
   assert len(sources.read_examples(bad, "sentence", "label", shard=(0, 20))) == 0  # an empty shard
+  # Without a header, the file's first row fixes the number of fields for every shard.
+  wide = tmp_path / "wide.tsv"
+  wide.write_text("a\t0\n" + "b\t1\textra\n" * 3)
+  one_line_error(lambda: sources.read_examples(wide, 0, 1, has_header=False, shard=(1, 2)),
+                 "wide.tsv:3", "expected 2 fields, found 3")
+
+
+def test_a_host_whose_shard_is_empty_yields_empty_rows(rte_pairs, tmp_path):
+  """More shards than rows (a 1-example eval set on 2 processes): host 0 holds nothing, host 1 the
+  example; both build the same step shapes and the example is evaluated once."""
+  tokenized, _ = rte_pairs
+  one_row = tmp_path / "one.tsv"
+  one_row.write_text("sentence\tlabel\nonly one\t1\n")
+  shards = [sources.read_examples(one_row, "sentence", "label", shard=(k, 2)) for k in range(2)]
+  assert [len(s) for s in shards] == [0, 1]
+
+  class Tokenizer:  # tokenize() of an empty shard returns before it uses the tokenizer
+    pad_token_id = 0
+  empty = tok.tokenize(Tokenizer(), shards[0], 32, "longest_first", use_token_types=False)
+  assert len(empty) == 0 and empty.lengths.dtype == np.int32
+  mine = _shard(tokenized, 0, 1)
+  lengths, labels = mine.lengths, np.array([1], np.int32)
+  for packing in (False, True):
+    common = dict(global_batch_size=2, max_length=64, packing=packing, max_per_row=4, shuffle=False,
+                  num_shards=2, process_count=2, lengths=lengths)
+    host0 = batching.Batcher(empty, labels, process_index=0, local_start=0, **common)
+    host1 = batching.Batcher(mine, labels, process_index=1, local_start=0, **common)
+    b0, b1 = list(host0.iterate(0)), list(host1.iterate(0))
+    assert len(b0) == len(b1) == 1 and b0[0]["input_ids"].shape == b1[0]["input_ids"].shape
+    assert (b0[0]["example_ids"] < 0).all() and (b1[0]["example_ids"] >= 0).sum() == 1
 
 
 def test_plain_tsv_keeps_stray_quotes():
@@ -425,6 +455,10 @@ def test_plan_is_deterministic_and_keeps_the_remainder():
   assert sorted(sum(plan, [])) == list(range(103))
   assert make(shuffle=False).plan(2)[0] == list(range(10))
   assert len(make(drop_remainder=True).plan(2)) == 10
+  # Shards of 51 and 52 examples, 5 rows each per step: 11 steps kept, 10 whole ones when dropping.
+  assert len(make(num_shards=2).plan(2)) == 11
+  dropped = make(num_shards=2, drop_remainder=True).plan(2)
+  assert [len(s) for s in dropped] == [10] * 10
 
 
 def _shard(tokenized: tok.Tokenized, start: int, stop: int) -> tok.Tokenized:
@@ -439,7 +473,7 @@ def test_hosts_holding_only_their_shard_build_the_batches_of_one_host_reading_al
   tokenized, labels = rte_pairs
   common = dict(global_batch_size=24, max_length=64, packing=packing, max_per_row=4, seed=3,
                 num_shards=2, row_multiple=2)
-  one = batching.Batcher(tokenized, labels, **common)
+  one = batching.Batcher(tokenized, labels, **{**common, "row_multiple": 4})  # 1 process x 4 devices
   n = len(tokenized)
   hosts = []
   for p in range(2):

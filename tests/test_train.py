@@ -271,6 +271,27 @@ def test_resume_check_tolerates_keys_added_later_at_their_default(tmp_path):
     trainer._check_resume_compatible(tmp_path, config)
 
 
+def test_resume_check_keeps_the_data_shards(tmp_path):
+  """The trainer records data.num_shards resolved (0 = one per process), so a resume with another
+  process count is refused instead of silently reshuffling the epoch; a workdir from before the key
+  had one global plan, i.e. one shard."""
+  from bertjax.config_base import base_config
+  config = base_config()
+  config.data.num_shards = 2
+  saved = trainer._config_snapshot(config)
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  trainer._check_resume_compatible(tmp_path, config)
+  config.data.num_shards = 1
+  with pytest.raises(UserError, match="data.num_shards=2, not 1"):
+    trainer._check_resume_compatible(tmp_path, config)
+  del saved["data"]["num_shards"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  trainer._check_resume_compatible(tmp_path, config)
+  config.data.num_shards = 2
+  with pytest.raises(UserError, match="data.num_shards=1, not 2"):
+    trainer._check_resume_compatible(tmp_path, config)
+
+
 def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(tmp_path):
   from bertjax.config_base import base_config
   from bertjax.models.config import resolve_dtype

@@ -5,7 +5,8 @@ block of every step's rows (shuffled, packed or batched on its own). Every host 
 plan from (seed, epoch) and the global token lengths, so all hosts agree on each step's examples
 and array shapes without talking to each other; each then materialises only its own rows, which
 come from its own shards when it owns num_shards / process_count of them (so it only needs the
-tokens of those). The plan depends on num_shards, never on the number of hosts or devices.
+tokens of those). For a given num_shards, the plan does not depend on the number of hosts; packed
+rows per step do depend on the device count (times accumulation steps), to which they are rounded.
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ class Batcher:
       shards = [self._shard_steps(s, epoch) for s in range(self.num_shards)]
       rows = self.rows_per_step // self.num_shards
       steps = []
-      for t in range(max(len(blocks) for blocks in shards)):
+      count = (min if self.drop_remainder else max)(len(blocks) for blocks in shards)
+      for t in range(count):
         step: list[list[int]] = []
         for blocks in shards:
           block = blocks[t] if t < len(blocks) else []

@@ -108,8 +108,10 @@ def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
     return _collect(str(path), rows, header, fields, label_field, task, on_bad_row)
   rows = list(rows)
   start, stop = len(rows) * index // count, len(rows) * (index + 1) // count
+  # Without a header the file's first row fixes the number of fields, for every shard.
+  width = len(rows[0][1]) if header is None and rows and isinstance(rows[0][1], list) else None
   return _collect(str(path), iter(rows[start:stop]), header, fields, label_field, task,
-                  start=start, total=len(rows))
+                  start=start, total=len(rows), width=width)
 
 
 def read_label_names(path: str | Path) -> list[str]:
@@ -296,10 +298,10 @@ def _column(field: Field, header: list[str] | None, width: int, where: str) -> i
 def _collect(source: str, rows: Iterator[tuple[int, Any]], header: list[str] | None,
              fields: tuple[Field, ...], label_field: Field | None, task: str,
              on_bad_row: Callable[[str], None] | None = None, start: int = 0,
-             total: int | None = None) -> Examples:
+             total: int | None = None, width: int | None = None) -> Examples:
   texts, labels, lines = [], [], []
   getter = None
-  width = len(header) if header is not None else None
+  width = len(header) if header is not None else width
   for line, row in rows:
     try:
       if isinstance(row, UserError):

@@ -131,6 +131,8 @@ def tokenize(tokenizer: Any, examples: Examples, max_length: int, truncation: st
              use_token_types: bool) -> Tokenized:
   """Token ids with special tokens, truncated to max_length tokens in total."""
   if not examples.texts:
+    if examples.total:  # an empty shard of a non-empty source (more shards than rows)
+      return Tokenized([], [], np.zeros(0, np.int32), tokenizer.pad_token_id or 0)
     raise UserError(f"{examples.source}: no examples to tokenize")
   num_texts = len(examples.texts[0])
   template = special_template(tokenizer)
