@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from bertjax.models.config import EncoderConfig
+from bertjax.models.dropout import Dropout
 
 
 def activation(name: str):
@@ -57,7 +58,7 @@ class Embeddings(nn.Module):
     x_BxLxE += embed(cfg.max_position_embeddings, "position")(positions_BxL + cfg.position_offset)
     x_BxLxE += embed(cfg.type_vocab_size, "token_type")(type_ids_BxL)
     x_BxLxE = layer_norm(cfg, "norm")(x_BxLxE)
-    x_BxLxE = nn.Dropout(cfg.hidden_dropout)(x_BxLxE, deterministic=deterministic)
+    x_BxLxE = Dropout(cfg.hidden_dropout)(x_BxLxE, deterministic=deterministic)
     if cfg.project_embeddings:
       return dense(cfg, cfg.hidden_size, "project")(x_BxLxE)
     return x_BxLxE
@@ -80,7 +81,7 @@ class SelfAttention(nn.Module):
     scores_BxNxLxL = jnp.einsum("bqnd,bknd->bnqk", q_BxLxNxD, k_BxLxNxD, preferred_element_type=jnp.float32)
     scores_BxNxLxL = jnp.where(mask_Bx1xLxL, scores_BxNxLxL, jnp.finfo(jnp.float32).min)
     probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL, axis=-1).astype(x_BxLxH.dtype)
-    probs_BxNxLxL = nn.Dropout(cfg.attention_dropout)(probs_BxNxLxL, deterministic=deterministic)
+    probs_BxNxLxL = Dropout(cfg.attention_dropout)(probs_BxNxLxL, deterministic=deterministic)
     ctx_BxLxH = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxLxL, v_BxLxNxD).reshape(b, l, h)
     return dense(cfg, h, "out")(ctx_BxLxH)
 
@@ -93,7 +94,7 @@ class Layer(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxH, mask_Bx1xLxL, deterministic: bool):
     cfg = self.cfg
-    drop = lambda t: nn.Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
+    drop = lambda t: Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
     attn_BxLxH = SelfAttention(cfg, name="attention")(x_BxLxH, mask_Bx1xLxL, deterministic)
     x_BxLxH = layer_norm(cfg, "attention_norm")(x_BxLxH + drop(attn_BxLxH))
     y_BxLxF = activation(cfg.hidden_act)(dense(cfg, cfg.intermediate_size, "mlp_in")(x_BxLxH))

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from bertjax.models.config import EncoderConfig
+from bertjax.models.dropout import Dropout
 from bertjax.models.encoder import Encoder, dense
 
 
@@ -17,7 +18,7 @@ class Head(nn.Module):
   @nn.compact
   def __call__(self, first_BxSxH, deterministic: bool):
     cfg = self.cfg
-    drop = lambda t: nn.Dropout(cfg.classifier_dropout)(t, deterministic=deterministic)
+    drop = lambda t: Dropout(cfg.classifier_dropout)(t, deterministic=deterministic)
     if cfg.head == "pooler":
       x = jnp.tanh(dense(cfg, cfg.hidden_size, "pooler")(first_BxSxH))
     else:
