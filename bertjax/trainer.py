@@ -4,6 +4,7 @@ Everything that can fail on bad input (config, model folder, data) is checked be
 is touched, so a failed start loses nothing.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -136,7 +137,7 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, like: "Trainer | None" = None,
                cache_dir: Path | None = None):
-    self.config = config
+    config = self.config = copy.deepcopy(config)  # resolved keys below are written here, not in the caller's
     self.workdir = Path(workdir)
     self.is_primary = jax.process_index() == 0
     t0 = time.perf_counter()

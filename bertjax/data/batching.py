@@ -169,10 +169,12 @@ class Batcher:
       mean = float(self.lengths.mean()) if len(self.lengths) else 1.0
       multiple = math.lcm(row_multiple * process_count, num_shards)
       self.rows_per_step = stream_rows(global_batch_size, mean, max_length, multiple)
-      self.window = int(np.ceil(self.rows_per_step // num_shards * max_length / mean)) + lookahead
     else:
       self.rows_per_step = global_batch_size
     self.rows_per_host = self.rows_per_step // process_count
+    self.rows_per_shard = self.rows_per_step // num_shards
+    if packing:
+      self.window = int(np.ceil(self.rows_per_shard * max_length / mean)) + lookahead
     self._cached: tuple[int, list] | None = None  # (epoch, layout) of the last epoch asked for
 
   def _shard_steps(self, shard: int, epoch: int) -> list[list[list[int]]]:
@@ -180,7 +182,7 @@ class Batcher:
     start, stop = shard_bounds(len(self.lengths), shard, self.num_shards)
     order = start + epoch_order(stop - start, self.seed, epoch, self.shuffle,
                                 shard if self.num_shards > 1 else None)
-    rows = self.rows_per_step // self.num_shards
+    rows = self.rows_per_shard
     if self.packing:
       return pack_stream(self.lengths, order, rows, self.max_length, self.max_per_row, self.window)
     end = len(order) - len(order) % rows if self.drop_remainder else len(order)
@@ -191,7 +193,7 @@ class Batcher:
     one example."""
     if self._cached is None or self._cached[0] != epoch:
       shards = [self._shard_steps(s, epoch) for s in range(self.num_shards)]
-      rows = self.rows_per_step // self.num_shards
+      rows = self.rows_per_shard
       steps = []
       count = (min if self.drop_remainder else max)(len(blocks) for blocks in shards)
       for t in range(count):
