@@ -259,6 +259,8 @@ def clip_by_global_norm(max_norm: float | jax.Array) -> optax.GradientTransforma
   factor: XLA then fuses the scaling into the Adam moment updates that read it, instead of
   materialising a clipped copy of every gradient (optax's select of a division is not duplicated
   into two consumers). On CPU that made the MiniLM optimizer update about 30% faster."""
+  if _is_const(max_norm) and max_norm <= 0:
+    raise ValueError(f"clip_by_global_norm needs max_norm > 0, got {max_norm} (leave the step out instead)")
 
   def update_fn(updates, state, params=None):
     del params

@@ -3,12 +3,14 @@
 flax's `nn.Dropout` draws its mask with `jax.random.bernoulli`, i.e. threefry-2x32 (20 rounds per
 pair of words) plus a float conversion. On CPU those random bits cost more than the matmuls of the
 attention they drop (docs/performance.md). Here each element's 32 random bits are two rounds of the
-`lowbias32` integer hash of its flat index mixed with two 32-bit words of the layer's dropout key,
-which XLA fuses into the masking op itself: no mask is materialised, and the forward pass is several
+`lowbias32` integer hash of its flat index mixed with the two (hashed) 32-bit words of the layer's
+dropout key, which XLA fuses into the masking op itself: no mask is materialised, and the forward pass is several
 times cheaper. The mask is a pure function of (key, flat index), so it does not depend on how the
 array is sharded. Dropout needs independent-looking masks, not cryptographic ones; the tests check
 the keep rate, the bit balance and that masks differ across keys and positions.
 """
+
+import math
 
 import flax.linen as nn
 import jax
@@ -32,14 +34,23 @@ def _key_words(key: jax.Array) -> jax.Array:
 
 
 def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """uint32 bits of `shape`, one per element, from the key and the element's flat index (mod 2^32)."""
+  """uint32 bits of `shape`, one per element, from the key and the element's flat index.
+
+  Both key words go through the hash before they meet the index, so nearby keys give unrelated
+  masks. Arrays of 2^32 elements or more are refused: their flat index would wrap and repeat the
+  mask."""
+  size = math.prod(shape)
+  if size >= 2**32:
+    raise ValueError(f"dropout on an array of {size} elements (shape {shape}): at most 2^32 - 1 are supported")
   words = _key_words(key)
+  k0 = _lowbias32(words[0] + jnp.uint32(0x9E3779B9))
+  k1 = _lowbias32(words[1] ^ k0)
   index = jnp.zeros(shape, jnp.uint32)
   stride = 1
   for dim in reversed(range(len(shape))):
-    index = index + lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
+    index = index + lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride)
     stride *= shape[dim]
-  return _lowbias32(_lowbias32(index * jnp.uint32(0x9E3779B1) + words[0]) ^ words[1])
+  return _lowbias32(_lowbias32(index ^ k0) + k1)
 
 
 class Dropout(nn.Module):
@@ -53,5 +64,6 @@ class Dropout(nn.Module):
       return x
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
-    keep = hash_bits(self.make_rng("dropout"), x.shape) >= jnp.uint32(round(self.rate * 2**32))
+    threshold = min(round(self.rate * 2**32), 2**32 - 1)  # P(bits < threshold) = rate
+    keep = hash_bits(self.make_rng("dropout"), x.shape) >= jnp.uint32(threshold)
     return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
