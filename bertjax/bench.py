@@ -172,7 +172,7 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
   import numpy as np
   import optax
   from bertjax import flops
-  from bertjax.models.dropout import hash_bits
+  from bertjax.models.dropout import keep_mask
   from bertjax.models.heads import SequenceClassifier
   from bertjax.step import _sums, make_eval_step, make_train_step
 
@@ -209,7 +209,7 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
   h, n = cfg.hidden_size, cfg.num_heads
   shapes = [(r, l, cfg.emb_size)] + [(r, n, l, l), (r, l, h), (r, l, h)] * cfg.num_layers
   masks = lambda draw: jax.jit(lambda k: [draw(jax.random.fold_in(k, i), s) for i, s in enumerate(shapes)])
-  ms["dropout_masks_alone"] = timed(masks(lambda k, s: hash_bits(k, s) >= 429496730), key)  # what the model draws
+  ms["dropout_masks_alone"] = timed(masks(lambda k, s: keep_mask(k, s, 0.1)), key)  # what the model draws
   ms["dropout_masks_alone_threefry"] = timed(masks(lambda k, s: jax.random.bernoulli(k, 0.9, s)), key)  # flax's
   lengths = tr.data.train.batcher.lengths[np.asarray(batch["example_ids"])[np.asarray(batch["example_ids"]) >= 0]]
   out["model_train_flops"] = flops.train_flops(cfg, lengths)

@@ -4,10 +4,10 @@ flax's `nn.Dropout` draws its mask with `jax.random.bernoulli`, i.e. threefry-2x
 pair of words) plus a float conversion. On CPU those random bits cost more than the matmuls of the
 attention they drop (docs/performance.md). Here each element's 32 random bits are two rounds of the
 `lowbias32` integer hash of its flat index mixed with the two (hashed) 32-bit words of the layer's
-dropout key, which XLA fuses into the masking op itself: no mask is materialised, and the forward pass is several
-times cheaper. The mask is a pure function of (key, flat index), so it does not depend on how the
-array is sharded. Dropout needs independent-looking masks, not cryptographic ones; the tests check
-the keep rate, the bit balance and that masks differ across keys and positions.
+dropout key, which XLA fuses into the masking op itself: no mask is materialised, and the forward
+pass is several times cheaper. The mask is a pure function of (key, flat index), so it does not
+depend on how the array is sharded. Dropout needs independent-looking masks, not cryptographic ones;
+the tests check the keep rate, the bit balance and that masks differ across keys and positions.
 """
 
 import math
@@ -53,6 +53,12 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return _lowbias32(_lowbias32(index ^ k0) + k1)
 
 
+def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+  """True where an element survives dropout at `rate` (0 <= rate < 1): P(bits < threshold) = rate."""
+  threshold = min(round(rate * 2**32), 2**32 - 1)
+  return hash_bits(key, shape) >= jnp.uint32(threshold)
+
+
 class Dropout(nn.Module):
   """Inverted dropout: zero each element with probability `rate`, scale the rest by 1 / (1 - rate)."""
 
@@ -64,6 +70,5 @@ class Dropout(nn.Module):
       return x
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
-    threshold = min(round(self.rate * 2**32), 2**32 - 1)  # P(bits < threshold) = rate
-    keep = hash_bits(self.make_rng("dropout"), x.shape) >= jnp.uint32(threshold)
+    keep = keep_mask(self.make_rng("dropout"), x.shape, self.rate)
     return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
