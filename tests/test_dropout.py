@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bertjax.errors import UserError
 from bertjax.models.dropout import Dropout, hash_bits
 
 
@@ -57,7 +58,7 @@ def test_edge_rates_shapes_and_dtypes():
   assert apply(0.5, jnp.float32(2.0), key).shape == ()
   y = apply(0.5, jnp.ones((4, 8, 16, 2), jnp.bfloat16), key)
   assert y.dtype == jnp.bfloat16 and set(np.unique(np.asarray(y, np.float32))) == {0.0, 2.0}
-  with pytest.raises(ValueError, match="2\\^32"):
+  with pytest.raises(UserError, match="2\\^32 - 1 are supported; use fewer rows per step"):
     hash_bits(key, (1 << 16, 1 << 16))
 
 

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bertjax.errors import UserError
+
 
 def _lowbias32(x: jax.Array) -> jax.Array:
   x = x ^ (x >> 16)
@@ -41,7 +43,9 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   mask."""
   size = math.prod(shape)
   if size >= 2**32:
-    raise ValueError(f"dropout on an array of {size} elements (shape {shape}): at most 2^32 - 1 are supported")
+    raise UserError(f"dropout over an array of {size} elements (shape {shape}): at most 2^32 - 1 "
+                    "are supported; use fewer rows per step (train.global_batch_size, train.grad_accum_steps) "
+                    "or a shorter data.max_length")
   words = _key_words(key)
   k0 = _lowbias32(words[0] + jnp.uint32(0x9E3779B9))
   k1 = _lowbias32(words[1] ^ k0)
