@@ -4,6 +4,8 @@ MFU = (training FLOPs of the real tokens processed) / (wall time x peak), where 
 large float32 matmul measured on the same machine, in the same run. Training FLOPs are 3x the
 forward pass (forward + 2x backward); the forward pass counts 2 FLOPs per multiply-add of every
 matmul applied to real tokens, attention scores and weighted sums over each example's own tokens.
+These are the model's FLOPs: the encoder's last layer runs only at the read-out tokens (see
+`bertjax.models.encoder`), and the work it skips there is still counted, as it is for a peer that does it.
 """
 
 import time

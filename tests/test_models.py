@@ -127,6 +127,24 @@ def test_packed_row_equals_examples_alone(hf_tiny, family):
   assert np.abs(got - np.stack(alone)).max() <= 1e-5
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_layer_at_read_tokens_only(hf_tiny, family):
+  """The last layer run only at the read-out tokens gives the hidden states the full last layer gives there."""
+  loaded = models.load(str(hf_tiny[family]))
+  encoder = Encoder(loaded.cfg)
+  rng = np.random.default_rng(5)
+  segments = np.r_[[1] * 6, [2] * 13, [3] * 4, [0] * 9][None].astype(np.int32)
+  starts = np.array([[0, 6, 19, 0]], np.int32)  # three examples and an empty slot
+  args = (rng.integers(3, 120, (1, 32)).astype(np.int32), np.zeros((1, 32), np.int32), segments,
+          np.concatenate([np.arange(n) for n in (6, 13, 4, 9)])[None].astype(np.int32))
+  params = {"params": loaded.params["encoder"]}
+  full = np.asarray(encoder.apply(params, *args))
+  read = np.asarray(encoder.apply(params, *args, read_BxS=starts))
+  assert read.shape == (1, 4, loaded.cfg.hidden_size)
+  assert np.abs(read[0, :3] - full[0, starts[0, :3]]).max() <= 1e-5
+  assert np.abs(full[0, 1] - full[0, 0]).max() > 1e-3  # neighbouring tokens differ: the gather is checked
+
+
 def test_dropout_is_active_in_training_and_seeded(hf_tiny):
   loaded = models.load(str(hf_tiny["bert"]))
   model = models.SequenceClassifier(loaded.cfg)

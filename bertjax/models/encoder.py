@@ -2,6 +2,11 @@
 
 Attention is driven by segment ids, not a padding mask: a token attends only to tokens of its own
 segment, so several examples can share a row (packing) and an unpacked row is the one-segment case.
+
+A classifier reads the last layer at one token per example. Given those positions (`read_BxS`), the
+encoder runs its last layer for them only: keys and values still come from every token, but the query
+projection, attention output, feed-forward block and LayerNorms run on S tokens per row instead of L.
+For MiniLM on SST-2 (13.3 tokens per example) that skips 12.9% of the model's forward and backward FLOPs.
 """
 
 import functools
@@ -28,11 +33,16 @@ def activation(name: str):
   }[name]
 
 
-def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
-  """True where query i may attend to key j: same segment and key not padding. [B, 1, L, L]."""
-  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  real_key_Bx1xL = (segment_ids_BxL > 0)[:, None, :]
-  return (same_BxLxL & real_key_Bx1xL)[:, None]
+def attention_mask(query_segments_BxQ: jax.Array, key_segments_BxL: jax.Array) -> jax.Array:
+  """True where query i may attend to key j: same segment and key not padding. [B, 1, Q, L]."""
+  same_BxQxL = query_segments_BxQ[:, :, None] == key_segments_BxL[:, None, :]
+  real_key_Bx1xL = (key_segments_BxL > 0)[:, None, :]
+  return (same_BxQxL & real_key_Bx1xL)[:, None]
+
+
+def gather_tokens(x_BxLxH: jax.Array, index_BxS: jax.Array) -> jax.Array:
+  """The tokens at index_BxS of each row: [B, S, H]."""
+  return jnp.take_along_axis(x_BxLxH, index_BxS[:, :, None], axis=1)
 
 
 def dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
@@ -68,22 +78,22 @@ class SelfAttention(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxH, mask_Bx1xLxL, deterministic: bool):
+  def __call__(self, queries_BxQxH, x_BxLxH, mask_Bx1xQxL, deterministic: bool):
+    """Attention of the query tokens over all tokens x (queries is x itself, or a subset of it)."""
     cfg = self.cfg
-    b, l, h = x_BxLxH.shape
+    (b, l, h), q = x_BxLxH.shape, queries_BxQxH.shape[1]
     n, d = cfg.num_heads, h // cfg.num_heads
-    split = lambda t: t.reshape(b, l, n, d)
-    q_BxLxNxD = split(dense(cfg, h, "query")(x_BxLxH))
-    k_BxLxNxD = split(dense(cfg, h, "key")(x_BxLxH))
-    v_BxLxNxD = split(dense(cfg, h, "value")(x_BxLxH))
-    q_BxLxNxD = q_BxLxNxD / jnp.sqrt(d).astype(q_BxLxNxD.dtype)
+    q_BxQxNxD = dense(cfg, h, "query")(queries_BxQxH).reshape(b, q, n, d)
+    k_BxLxNxD = dense(cfg, h, "key")(x_BxLxH).reshape(b, l, n, d)
+    v_BxLxNxD = dense(cfg, h, "value")(x_BxLxH).reshape(b, l, n, d)
+    q_BxQxNxD = q_BxQxNxD / jnp.sqrt(d).astype(q_BxQxNxD.dtype)
     # Scores and softmax in float32 even under bfloat16 compute: the sum over keys needs the range.
-    scores_BxNxLxL = jnp.einsum("bqnd,bknd->bnqk", q_BxLxNxD, k_BxLxNxD, preferred_element_type=jnp.float32)
-    scores_BxNxLxL = jnp.where(mask_Bx1xLxL, scores_BxNxLxL, jnp.finfo(jnp.float32).min)
-    probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL, axis=-1).astype(x_BxLxH.dtype)
-    probs_BxNxLxL = Dropout(cfg.attention_dropout)(probs_BxNxLxL, deterministic=deterministic)
-    ctx_BxLxH = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxLxL, v_BxLxNxD).reshape(b, l, h)
-    return dense(cfg, h, "out")(ctx_BxLxH)
+    scores_BxNxQxL = jnp.einsum("bqnd,bknd->bnqk", q_BxQxNxD, k_BxLxNxD, preferred_element_type=jnp.float32)
+    scores_BxNxQxL = jnp.where(mask_Bx1xQxL, scores_BxNxQxL, jnp.finfo(jnp.float32).min)
+    probs_BxNxQxL = jax.nn.softmax(scores_BxNxQxL, axis=-1).astype(x_BxLxH.dtype)
+    probs_BxNxQxL = Dropout(cfg.attention_dropout)(probs_BxNxQxL, deterministic=deterministic)
+    ctx_BxQxH = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxQxL, v_BxLxNxD).reshape(b, q, h)
+    return dense(cfg, h, "out")(ctx_BxQxH)
 
 
 class Layer(nn.Module):
@@ -92,14 +102,16 @@ class Layer(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxH, mask_Bx1xLxL, deterministic: bool):
+  def __call__(self, x_BxLxH, mask_Bx1xQxL, deterministic: bool, read_BxQ=None):
+    """The layer's output at every token, or only at the tokens read_BxQ (keys still see all)."""
     cfg = self.cfg
     drop = lambda t: Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
-    attn_BxLxH = SelfAttention(cfg, name="attention")(x_BxLxH, mask_Bx1xLxL, deterministic)
-    x_BxLxH = layer_norm(cfg, "attention_norm")(x_BxLxH + drop(attn_BxLxH))
-    y_BxLxF = activation(cfg.hidden_act)(dense(cfg, cfg.intermediate_size, "mlp_in")(x_BxLxH))
-    y_BxLxH = dense(cfg, cfg.hidden_size, "mlp_out")(y_BxLxF)
-    return layer_norm(cfg, "mlp_norm")(x_BxLxH + drop(y_BxLxH))
+    q_BxQxH = x_BxLxH if read_BxQ is None else gather_tokens(x_BxLxH, read_BxQ)
+    attn_BxQxH = SelfAttention(cfg, name="attention")(q_BxQxH, x_BxLxH, mask_Bx1xQxL, deterministic)
+    q_BxQxH = layer_norm(cfg, "attention_norm")(q_BxQxH + drop(attn_BxQxH))
+    y_BxQxF = activation(cfg.hidden_act)(dense(cfg, cfg.intermediate_size, "mlp_in")(q_BxQxH))
+    y_BxQxH = dense(cfg, cfg.hidden_size, "mlp_out")(y_BxQxF)
+    return layer_norm(cfg, "mlp_norm")(q_BxQxH + drop(y_BxQxH))
 
 
 class Encoder(nn.Module):
@@ -108,11 +120,18 @@ class Encoder(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, ids_BxL, type_ids_BxL, segment_ids_BxL, positions_BxL, deterministic: bool = True):
+  def __call__(self, ids_BxL, type_ids_BxL, segment_ids_BxL, positions_BxL, deterministic: bool = True,
+               read_BxS=None):
+    """Hidden states of the last layer: [B, L, H] at every token, or [B, S, H] at the tokens read_BxS."""
     cfg = self.cfg
     x_BxLxH = Embeddings(cfg, name="embeddings")(ids_BxL, type_ids_BxL, positions_BxL, deterministic)
-    mask_Bx1xLxL = attention_mask(segment_ids_BxL)
+    mask_Bx1xLxL = attention_mask(segment_ids_BxL, segment_ids_BxL)
     layers = [Layer(cfg, name=f"layer_{k}") for k in range(cfg.param_layers)]
-    for k in cfg.layer_schedule():
+    *schedule, last = cfg.layer_schedule()
+    for k in schedule:
       x_BxLxH = layers[k](x_BxLxH, mask_Bx1xLxL, deterministic)
-    return x_BxLxH
+    if read_BxS is None:
+      return layers[last](x_BxLxH, mask_Bx1xLxL, deterministic)
+    read_segments_BxS = jnp.take_along_axis(segment_ids_BxL, read_BxS, axis=1)
+    mask_Bx1xSxL = attention_mask(read_segments_BxS, segment_ids_BxL)
+    return layers[last](x_BxLxH, mask_Bx1xSxL, deterministic, read_BxS)

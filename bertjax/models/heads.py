@@ -34,9 +34,8 @@ class SequenceClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids, segment_ids, position_ids, cls_index, deterministic: bool = True):
-    hidden_BxLxH = Encoder(self.cfg, name="encoder")(input_ids, token_type_ids, segment_ids, position_ids,
-                                                     deterministic)
-    first_BxSxH = jnp.take_along_axis(hidden_BxLxH, cls_index[:, :, None], axis=1)
+    first_BxSxH = Encoder(self.cfg, name="encoder")(input_ids, token_type_ids, segment_ids, position_ids,
+                                                    deterministic, read_BxS=cls_index)
     logits_BxSxC = Head(self.cfg, name="head")(first_BxSxH, deterministic)
     return logits_BxSxC.astype(jnp.float32)
 
