@@ -34,6 +34,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bertjax.errors import UserError, exit_on_user_error
+from bertjax.host_memory import keep_freed_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_enum("peer", "torch", ["torch"], "The trainer to compare with.")
@@ -44,6 +45,8 @@ flags.DEFINE_integer("repeats", 3, "Measured rounds; the report gives the median
 flags.DEFINE_bool("eval", True, "Also time eval over data.eval (if set).")
 flags.DEFINE_bool("profile", False, "Also time variants of the bertjax step on one batch.")
 flags.DEFINE_string("workdir", None, "Token cache and plan files (default: a temporary directory).")
+flags.DEFINE_bool("peer_keep_freed_memory", False,
+                  "Give the peer's process bertjax's malloc setting too (bertjax.host_memory; always on for bertjax).")
 flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run as a worker process.")
 FLAGS = flags.FLAGS
 
@@ -87,7 +90,7 @@ def _batches(batcher, positions: list[tuple[int, int]]):
     yield from itertools.islice(batcher.iterate(epoch, group[0][1]), len(group))
 
 
-def jax_worker(config, workdir: Path) -> None:
+def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   import jax
   from bertjax import flops, sharding
   from bertjax.data.prefetch import Prefetch
@@ -153,7 +156,7 @@ def jax_worker(config, workdir: Path) -> None:
     batch = sharding.global_batch(next(_batches(batcher, blocks[0][:1])), bs)
     return profile_step(tr, state, batch)
 
-  _reply({"ready": True, "matmul_peak_flops": peak, "rows_per_step": batcher.rows_per_step,
+  _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "matmul_peak_flops": peak, "rows_per_step": batcher.rows_per_step,
           "max_length": batcher.max_length, "packing": batcher.packing,
           "padding_fraction_epoch0": batcher.padding_fraction(0),
           "steps_per_epoch": batcher.steps_per_epoch(), "num_train_examples": len(batcher.lengths),
@@ -222,7 +225,7 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
 # ----- the torch worker ----------------------------------------------------------------------
 
 
-def torch_worker(config, workdir: Path) -> None:
+def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   import torch
   from bertjax.data import pipeline
   from bertjax.models import hf_weights
@@ -258,7 +261,7 @@ def torch_worker(config, workdir: Path) -> None:
   def evaluate() -> dict:
     return peer.evaluate(eval_split.batcher.tokenized, eval_batch)
 
-  _reply({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+  _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "torch": torch.__version__, "threads": torch.get_num_threads(),
           "interop_threads": torch.get_num_interop_threads()})
   _serve({"train": train, "eval": evaluate})
 
@@ -348,6 +351,9 @@ def drive(config, workdir: Path) -> dict:
       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jx.ready["jax"],
                   "torch": th.ready["torch"], "torch_threads": th.ready["threads"],
                   "torch_interop_threads": th.ready["interop_threads"],
+                  # bertjax.host_memory's malloc setting in each worker process
+                  "keeps_freed_memory": {"bertjax": jx.ready["keeps_freed_memory"],
+                                         "torch": th.ready["keeps_freed_memory"]},
                   # Other work on the machine skews both sides; the 1-minute load should stay near 1.
                   "load_average_before": load_before, "load_average_after": os.getloadavg()},
       "setup": {"model_name_or_path": config.model.name_or_path, "model": jx.ready["model"],
@@ -402,7 +408,9 @@ def main(argv):
   if FLAGS.steps < 1 or FLAGS.repeats < 1 or FLAGS.warmup < 0:
     raise UserError("--steps and --repeats must be >= 1 and --warmup >= 0")
   if FLAGS.worker is not None:
-    (jax_worker if FLAGS.worker == "jax" else torch_worker)(config, Path(FLAGS.workdir))
+    # Before jax or torch starts its threads.
+    kept = keep_freed_memory() if FLAGS.worker == "jax" or FLAGS.peer_keep_freed_memory else False
+    (jax_worker if FLAGS.worker == "jax" else torch_worker)(config, Path(FLAGS.workdir), kept)
     return
   if not FLAGS.json:
     raise UserError("--json OUT.json is required")

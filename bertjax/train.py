@@ -48,6 +48,8 @@ def main(argv):
 
 def run():
   from bertjax.config_base import exit_on_bad_command_line
+  from bertjax.host_memory import keep_freed_memory
+  keep_freed_memory()  # before jax starts its threads
   exit_on_bad_command_line(sys.argv)
   try:
     app.run(main)

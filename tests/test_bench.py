@@ -25,6 +25,7 @@ def test_bench_smoke(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(out.read_text())
   assert r["same_examples"] is True
+  assert r["machine"]["keeps_freed_memory"] == {"bertjax": True, "torch": False}  # the peer runs as users run it
   # Each round: 3 bertjax steps; torch ran the same examples, 16 at a time.
   for a, b, c in zip(r["blocks"]["bertjax"], r["blocks"]["torch_dynamic"], r["blocks"]["torch_grouped"]):
     assert a["ids"] == b["ids"] == c["ids"] and a["examples"] == b["examples"] == c["examples"] > 16
