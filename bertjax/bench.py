@@ -46,7 +46,7 @@ flags.DEFINE_bool("eval", True, "Also time eval over data.eval (if set).")
 flags.DEFINE_bool("profile", False, "Also time variants of the bertjax step on one batch.")
 flags.DEFINE_string("workdir", None, "Token cache and plan files (default: a temporary directory).")
 flags.DEFINE_bool("peer_keep_freed_memory", False,
-                  "Give the peer's process bertjax's malloc setting too (bertjax.host_memory; always on for bertjax).")
+                  "Give the peer's process the malloc setting bertjax's worker uses (bertjax.host_memory).")
 flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run as a worker process.")
 FLAGS = flags.FLAGS
 
@@ -207,10 +207,13 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
   ms["forward_eval"] = timed(jax.jit(make_eval_step(tr.model)), state.params, batch)
   update = jax.jit(lambda g, o, p: optax.apply_updates(p, tr.tx.update(g, o, p)[0]))
   ms["optimizer_update"] = timed(update, state.params, state.opt_state, state.params)
-  # The random bits of every dropout mask in the model, drawn alone.
-  r, l = batch["input_ids"].shape
+  # The random bits of every dropout mask in the model, drawn alone: embeddings, each applied layer (its
+  # last one at the read-out tokens only), the head's two.
+  (r, l), s = batch["input_ids"].shape, batch["cls_index"].shape[1]
   h, n = cfg.hidden_size, cfg.num_heads
-  shapes = [(r, l, cfg.emb_size)] + [(r, n, l, l), (r, l, h), (r, l, h)] * cfg.num_layers
+  layer = lambda q: [(r, n, q, l), (r, q, h), (r, q, h)]
+  shapes = ([(r, l, cfg.emb_size)] + layer(l) * (len(cfg.layer_schedule()) - 1) + layer(s)
+            + [(r, s, h)] * 2)
   masks = lambda draw: jax.jit(lambda k: [draw(jax.random.fold_in(k, i), s) for i, s in enumerate(shapes)])
   ms["dropout_masks_alone"] = timed(masks(lambda k, s: keep_mask(k, s, 0.1)), key)  # what the model draws
   ms["dropout_masks_alone_threefry"] = timed(masks(lambda k, s: jax.random.bernoulli(k, 0.9, s)), key)  # flax's

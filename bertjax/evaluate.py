@@ -340,7 +340,7 @@ def _define_flags() -> None:
 if __name__ == "__main__":
   from absl import app, logging
   from bertjax.host_memory import keep_freed_memory
-  keep_freed_memory()  # before jax starts its threads
+  keep_freed_memory()  # before jax creates its CPU client
   _define_flags()
   logging.set_verbosity(logging.WARNING)
   app.run(main)

@@ -603,7 +603,7 @@ def run() -> None:
   from absl import app
   from bertjax.config_base import exit_on_bad_command_line
   from bertjax.host_memory import keep_freed_memory
-  keep_freed_memory()  # before jax starts its threads
+  keep_freed_memory()  # before jax creates its CPU client
   exit_on_bad_command_line(sys.argv)
   _define_flags()
   app.run(main)

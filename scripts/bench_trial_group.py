@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = Path("/work/shared/data/sst2")
+SST2 = REPO.parent / "shared" / "data" / "sst2"
 
 
 def tiny_setup(root: Path, args):
@@ -124,4 +124,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from bertjax.host_memory import keep_freed_memory
+  keep_freed_memory()  # as the train CLI does, before jax creates its CPU client
   main()

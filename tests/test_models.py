@@ -133,16 +133,18 @@ def test_last_layer_at_read_tokens_only(hf_tiny, family):
   loaded = models.load(str(hf_tiny[family]))
   encoder = Encoder(loaded.cfg)
   rng = np.random.default_rng(5)
-  segments = np.r_[[1] * 6, [2] * 13, [3] * 4, [0] * 9][None].astype(np.int32)
-  starts = np.array([[0, 6, 19, 0]], np.int32)  # three examples and an empty slot
-  args = (rng.integers(3, 120, (1, 32)).astype(np.int32), np.zeros((1, 32), np.int32), segments,
-          np.concatenate([np.arange(n) for n in (6, 13, 4, 9)])[None].astype(np.int32))
+  lengths = ((6, 13, 4, 9), (20, 3, 9))  # per row: examples, then padding
+  segments = np.stack([np.repeat(np.r_[1:len(n), 0], n) for n in lengths]).astype(np.int32)
+  positions = np.stack([np.concatenate([np.arange(k) for k in n]) for n in lengths]).astype(np.int32)
+  starts = np.array([[0, 6, 19, 0], [0, 20, 0, 0]], np.int32)  # first tokens, then empty slots (index 0)
+  args = (rng.integers(3, 120, (2, 32)).astype(np.int32), np.zeros((2, 32), np.int32), segments, positions)
   params = {"params": loaded.params["encoder"]}
   full = np.asarray(encoder.apply(params, *args))
   read = np.asarray(encoder.apply(params, *args, read_BxS=starts))
-  assert read.shape == (1, 4, loaded.cfg.hidden_size)
-  assert np.abs(read[0, :3] - full[0, starts[0, :3]]).max() <= 1e-5
-  assert np.abs(full[0, 1] - full[0, 0]).max() > 1e-3  # neighbouring tokens differ: the gather is checked
+  assert read.shape == (2, 4, loaded.cfg.hidden_size)
+  want = np.take_along_axis(full, starts[:, :, None], axis=1)  # empty slots: the row's first token, as before
+  assert np.abs(read - want).max() <= 1e-5
+  assert np.abs(full[:, 1] - full[:, 0]).max() > 1e-3 and np.abs(full[1] - full[0]).max() > 1e-3  # gathers checked
 
 
 def test_dropout_is_active_in_training_and_seeded(hf_tiny):
@@ -186,6 +188,8 @@ def test_bad_checkpoints(hf_tiny, tmp_path):
     models.load(copy_with("missing", tensors=lambda t: {k: v for k, v in t.items() if k != name}))
   with pytest.raises(UserError, match=f"model.safetensors: tensor '{name}' has shape \\(32, 31\\), expected \\(32, 32\\)"):
     models.load(copy_with("shape", tensors=lambda t: {**t, name: t[name][:, :31].copy()}))
+  with pytest.raises(UserError, match="num_hidden_layers=0; a classifier needs at least one layer"):
+    models.load(copy_with("no_layers", {"num_hidden_layers": 0}))
   with pytest.raises(UserError, match="unexpected tensor 'bert.encoder.layer.7.foo'"):
     models.load(copy_with("extra", tensors=lambda t: {**t, "bert.encoder.layer.7.foo": np.zeros(3, np.float32)}))
 

@@ -91,6 +91,8 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> EncoderCo
     )
   except KeyError as e:
     raise UserError(f"{source}: missing key {e.args[0]!r} for model_type {family!r}") from None
+  if num_layers < 1:
+    raise UserError(f"{source}: num_hidden_layers={num_layers}; a classifier needs at least one layer")
   clf_dropout = hf.get("classifier_dropout")
   common["classifier_dropout"] = float(common["hidden_dropout"] if clf_dropout is None else clf_dropout)
   if family == "bert":

@@ -127,7 +127,7 @@ class Encoder(nn.Module):
     x_BxLxH = Embeddings(cfg, name="embeddings")(ids_BxL, type_ids_BxL, positions_BxL, deterministic)
     mask_Bx1xLxL = attention_mask(segment_ids_BxL, segment_ids_BxL)
     layers = [Layer(cfg, name=f"layer_{k}") for k in range(cfg.param_layers)]
-    *schedule, last = cfg.layer_schedule()
+    *schedule, last = cfg.layer_schedule()  # at least one layer (config.from_hf_config)
     for k in schedule:
       x_BxLxH = layers[k](x_BxLxH, mask_Bx1xLxL, deterministic)
     if read_BxS is None:
