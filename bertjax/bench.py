@@ -156,8 +156,8 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
     batch = sharding.global_batch(next(_batches(batcher, blocks[0][:1])), bs)
     return profile_step(tr, state, batch)
 
-  _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "matmul_peak_flops": peak, "rows_per_step": batcher.rows_per_step,
-          "max_length": batcher.max_length, "packing": batcher.packing,
+  _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "matmul_peak_flops": peak,
+          "rows_per_step": batcher.rows_per_step, "max_length": batcher.max_length, "packing": batcher.packing,
           "padding_fraction_epoch0": batcher.padding_fraction(0),
           "steps_per_epoch": batcher.steps_per_epoch(), "num_train_examples": len(batcher.lengths),
           "mean_train_length": float(batcher.lengths.mean()),
@@ -209,11 +209,11 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
   ms["optimizer_update"] = timed(update, state.params, state.opt_state, state.params)
   # The random bits of every dropout mask in the model, drawn alone: embeddings, each applied layer (its
   # last one at the read-out tokens only), the head's two.
-  (r, l), s = batch["input_ids"].shape, batch["cls_index"].shape[1]
+  (r, l), slots = batch["input_ids"].shape, batch["cls_index"].shape[1]
   h, n = cfg.hidden_size, cfg.num_heads
   layer = lambda q: [(r, n, q, l), (r, q, h), (r, q, h)]
-  shapes = ([(r, l, cfg.emb_size)] + layer(l) * (len(cfg.layer_schedule()) - 1) + layer(s)
-            + [(r, s, h)] * 2)
+  shapes = ([(r, l, cfg.emb_size)] + layer(l) * (len(cfg.layer_schedule()) - 1) + layer(slots)
+            + [(r, slots, h)] * 2)
   masks = lambda draw: jax.jit(lambda k: [draw(jax.random.fold_in(k, i), s) for i, s in enumerate(shapes)])
   ms["dropout_masks_alone"] = timed(masks(lambda k, s: keep_mask(k, s, 0.1)), key)  # what the model draws
   ms["dropout_masks_alone_threefry"] = timed(masks(lambda k, s: jax.random.bernoulli(k, 0.9, s)), key)  # flax's
@@ -264,8 +264,8 @@ def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   def evaluate() -> dict:
     return peer.evaluate(eval_split.batcher.tokenized, eval_batch)
 
-  _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "torch": torch.__version__, "threads": torch.get_num_threads(),
-          "interop_threads": torch.get_num_interop_threads()})
+  _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "torch": torch.__version__,
+          "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()})
   _serve({"train": train, "eval": evaluate})
 
 
