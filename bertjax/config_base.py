@@ -6,7 +6,7 @@ from typing import Any
 
 import ml_collections
 
-from bertjax.errors import UserError
+from bertjax.errors import UserError, first_line
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -140,10 +140,6 @@ def exit_on_bad_command_line(argv: list[str]) -> None:
     sys.exit(2)
 
 
-def _first_line(e: BaseException) -> str:
-  return str(e).splitlines()[0] if str(e).strip() else ""
-
-
 def call_python_file(spec: str, function: str, what: str) -> Any:
   """Runs `function(*arg)` of `FILE.py[:arg]` (as config_flags runs get_config); a missing file, a syntax
   error, a missing function or an exception inside it is a one-line UserError."""
@@ -160,7 +156,7 @@ def call_python_file(spec: str, function: str, what: str) -> Any:
   except UserError:
     raise
   except Exception as e:  # whatever the file's top level raises
-    raise UserError(f"{path}: {type(e).__name__}: {_first_line(e)}") from None
+    raise UserError(f"{path}: {type(e).__name__}: {first_line(e)}") from None
   if not callable(getattr(module, function, None)):
     raise UserError(f"{path} defines no {function}() function")
   try:
@@ -168,7 +164,7 @@ def call_python_file(spec: str, function: str, what: str) -> Any:
   except UserError:
     raise
   except Exception as e:
-    raise UserError(f"{path}: {function} failed: {type(e).__name__}: {_first_line(e)}") from None
+    raise UserError(f"{path}: {function} failed: {type(e).__name__}: {first_line(e)}") from None
 
 
 def check_config_file(spec: str) -> None:

@@ -1,4 +1,5 @@
-"""The fields of a run's summary.json: throughput, MFU, compilation, best and final eval, how it ended."""
+"""What a run reports: its start lines and the fields of its summary.json (throughput, MFU, compilation,
+best and final eval, how it ended)."""
 
 import time
 
@@ -59,3 +60,23 @@ def make_summary(trainer, member, step: int, epochs_completed: float, stats: dic
       "stopped_by": stopped_by,
       "skipped_steps": member.skipped_steps,
   }
+
+
+def start_lines(trainer, step: int) -> list[str]:
+  """The lines a run logs before its first step: model, data and optimizer."""
+  tc, d, opt = trainer.config.train, trainer.data, trainer.config.optimizer
+  lr_note = (f" (scaled {opt.lr_scaling} from {opt.learning_rate:g} at batch {opt.base_batch_size})"
+             if opt.lr_scaling != "none" else "")
+  shards = d.train.batcher.num_shards
+  own = (f", {shards} shards, {len(d.train.examples)} train examples read by this host"
+         if len(d.train.examples) < len(d.train) else (f", {shards} shards" if shards > 1 else ""))
+  return [
+      f"model: {trainer.model_cfg.family} {trainer.config.model.name_or_path} ({trainer.model_cfg.num_layers} "
+      f"layers, hidden {trainer.model_cfg.hidden_size}, {d.num_labels} labels, {trainer.dtype}"
+      f"{' (auto)' if trainer.config.model.dtype == 'auto' else ''})",
+      f"data: {len(d.train)} train / {pipeline.example_count(d.eval)} eval examples; "
+      f"{trainer.steps_per_epoch} steps per epoch; padding {d.train.batcher.padding_fraction(0):.1%} "
+      f"({'packed' if trainer.config.data.packing else 'length buckets'}{own})",
+      f"optimizer: {opt.name}, effective learning rate {trainer.effective_lr:.3g}{lr_note}, "
+      f"{trainer.total_steps} steps, batch {tc.global_batch_size} on mesh {dict(trainer.mesh.shape)}"
+      + (f", resuming at step {step}" if step else "")]

@@ -6,10 +6,7 @@ is touched, so a failed start loses nothing.
 
 import copy
 import dataclasses
-import json
 import math
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -20,16 +17,17 @@ import ml_collections
 import numpy as np
 
 from bertjax import checkpoint as ckpt_lib
-from bertjax import flops, optim, plot, run_log, run_summary, sharding
+from bertjax import flops, optim, plot, resume, run_log, run_summary, sharding
+from bertjax import workdir as workdir_lib
 from bertjax.data import pipeline
 from bertjax.data.prefetch import Prefetch
-from bertjax.config_base import base_config
-from bertjax.errors import UserError
+from bertjax.errors import UserError, first_line
 from bertjax.evaluate import Evaluator
 from bertjax.models import hf_weights
 from bertjax.models.config import from_hf_config, resolve_dtype
 from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, TrainState, make_train_step
+from bertjax.stop_signal import StopSignal
 
 
 _PEAK_FLOPS: list[float] = []  # the machine's matmul peak, measured once per process and shared by its runs
@@ -46,60 +44,9 @@ class WriteFailed(Exception):
   """The workdir could not be written (disk full, permissions): reported in one line, exit code 1."""
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e) or type(e).__name__
-  return text.splitlines()[0][:300]
-
-
 def log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, file=sys.stderr, flush=True)
-
-
-class _StopSignal:
-  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the current step and exits.
-  A second signal ends the process at once."""
-
-  def __init__(self):
-    self.received = None
-    self._old = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._old[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, _frame):
-    if self.received is not None:  # a second signal: the user wants out now, checkpoint or not
-      signal.signal(signum, signal.SIG_DFL)
-      os.kill(os.getpid(), signum)
-    self.received = signal.Signals(signum).name
-
-  def restore(self):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
-
-
-def _config_snapshot(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort())
-
-
-def _check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) -> None:
-  """A resumed run must train the same model on the same data; step budgets may change."""
-  saved_path = workdir / "config.json"
-  if not saved_path.exists():
-    return
-  saved, now = json.loads(saved_path.read_text()), _config_snapshot(config)
-  defaults = _config_snapshot(base_config())
-  saved.setdefault("data", {}).setdefault("num_shards", 1)  # before data.num_shards: one global plan
-  for group in ("model", "data"):
-    for key in sorted(set(saved.get(group, {})) | set(now.get(group, {}))):
-      if key not in saved.get(group, {}) and now[group].get(key) == defaults[group].get(key):
-        continue  # a key added after the run started, left at its default
-      if (group, key) == ("model", "dtype") and \
-          resolve_dtype(saved.get(group, {}).get(key, "float32")) == resolve_dtype(now[group][key]):
-        continue  # `auto` is what this backend resolves it to
-      if saved.get(group, {}).get(key) != now.get(group, {}).get(key):
-        raise UserError(f"{saved_path}: this workdir was trained with {group}.{key}="
-                        f"{saved.get(group, {}).get(key)!r}, not {now.get(group, {}).get(key)!r}; "
-                        "use a new --workdir or the same setting")
 
 
 @dataclasses.dataclass
@@ -152,7 +99,7 @@ class Trainer:
     if not config.data.num_shards:  # one shard per process, recorded so a resume reads the same shards
       config.data.num_shards = jax.process_count()
     if (self.workdir / "checkpoints").exists():
-      _check_resume_compatible(self.workdir, config)
+      resume.check_resume_compatible(self.workdir, config)
 
     # Model folder, tokenizer, data: all validated before anything is written.
     if like is not None:
@@ -194,7 +141,7 @@ class Trainer:
     self.folder = hf_weights.resolve_folder(config.model.name_or_path)
     base_cfg = from_hf_config(hf_weights.read_hf_config(self.folder), str(self.folder / "config.json"))
     self.tokenizer = pipeline.load_tokenizer(self.folder)
-    saved_labels = self._saved_label_names()
+    saved_labels = resume.saved_label_names(self.workdir)
     eval_batch = tc.eval_batch_size or tc.global_batch_size
     data_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     local_devices = sharding.local_rows_multiple(self.mesh)
@@ -207,12 +154,6 @@ class Trainer:
         eval_batch_size=eval_batch, seed=tc.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), row_multiple=local_devices * tc.grad_accum_steps,
         label_names=saved_labels, gather=sharding.gather_from_processes)
-
-  def _saved_label_names(self):
-    path = self.workdir / "labels.json"
-    if (self.workdir / "checkpoints").exists() and path.exists():
-      return json.loads(path.read_text())["label_names"]
-    return None
 
   # ----- state (a trial group overrides these) ----------------------------------------------
 
@@ -280,17 +221,10 @@ class Trainer:
 
   def _write_run_files(self) -> None:
     """Config, labels and the model folder (HF config + tokenizer) that evaluate/predict/export read."""
-    if not self.is_primary:
-      return
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    (self.workdir / "config.json").write_text(json.dumps(_config_snapshot(self.config), indent=2) + "\n")
-    (self.workdir / "labels.json").write_text(json.dumps(
-        {"task": self.data.task, "label_names": self.data.label_names}, indent=2) + "\n")
-    model_dir = self.workdir / "model"
-    model_dir.mkdir(exist_ok=True)
-    hf = hf_weights.hf_config_for(self.model_cfg, self.loaded.hf_config, self.data.label_names, self.regression)
-    (model_dir / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    self.tokenizer.save_pretrained(str(model_dir))
+    if self.is_primary:
+      hf = hf_weights.hf_config_for(self.model_cfg, self.loaded.hf_config, self.data.label_names, self.regression)
+      workdir_lib.write_run_files(self.workdir, resume.config_snapshot(self.config), self.data.task,
+                                  self.data.label_names, hf, self.tokenizer)
 
   def _epochs_at(self, step: int) -> float:
     """Epochs completed after `step` steps."""
@@ -312,7 +246,7 @@ class Trainer:
     try:
       member.checkpoints.save(step, self._member_state(state, member.index), meta, metrics=metrics)
     except ckpt_lib.CheckpointError as e:
-      raise WriteFailed(f"saving the checkpoint of step {step} failed ({_first_line(e)}); the previous "
+      raise WriteFailed(f"saving the checkpoint of step {step} failed ({first_line(e)}); the previous "
                         f"checkpoint (step {member.checkpoints.latest_step()}) is intact") from None
 
   # ----- the loop ------------------------------------------------------------------------
@@ -346,7 +280,8 @@ class Trainer:
       m.runlog.truncate_after(step)
       if tc.early_stopping_patience and m.stopped_by is None and m.evals_since_best >= tc.early_stopping_patience:
         m.stopped_by = f"early stopping (eval loss did not improve for {m.evals_since_best} evals)"
-    self._print_start(step)
+    for line in self._start_lines(step):
+      log(line)
 
     batch_sharding = sharding.batch_sharding(self.mesh)
     train_step = CompiledByShape(jax.jit(
@@ -354,7 +289,7 @@ class Trainer:
         out_shardings=(self.state_shardings, None), donate_argnums=(0,)), "train step", log)
     evaluator = Evaluator(self.model, self.mesh, self.member_shardings.params)
     progress = run_log.Progress(self.total_steps, is_primary=self.is_primary, every_steps=tc.log_every_steps)
-    stop = _StopSignal()
+    stop = StopSignal()
     stats = {"train_seconds": 0.0, "examples": 0, "tokens": 0, "slots": 0, "wait_seconds": 0.0,
              "wall_seconds": 0.0, **loop["stats"]}
     stats.pop("skipped_steps", None)  # per member
@@ -507,7 +442,7 @@ class Trainer:
         try:
           m.checkpoints.wait()
         except ckpt_lib.CheckpointError as e:
-          raise WriteFailed(f"writing the final checkpoint failed ({_first_line(e)}); the previous "
+          raise WriteFailed(f"writing the final checkpoint failed ({first_line(e)}); the previous "
                             f"checkpoint (step {m.checkpoints.latest_step()}) is intact") from None
       summarize(done=True)
     finally:
@@ -527,23 +462,8 @@ class Trainer:
 
   # ----- reporting -----------------------------------------------------------------------
 
-  def _print_start(self, step: int) -> None:
-    tc, d = self.config.train, self.data
-    lr_note = (f" (scaled {self.config.optimizer.lr_scaling} from {self.config.optimizer.learning_rate:g} "
-               f"at batch {self.config.optimizer.base_batch_size})" if self.config.optimizer.lr_scaling != "none"
-               else "")
-    log(f"model: {self.model_cfg.family} {self.config.model.name_or_path} ({self.model_cfg.num_layers} layers, "
-        f"hidden {self.model_cfg.hidden_size}, {self.data.num_labels} labels, {self.dtype}"
-        f"{' (auto)' if self.config.model.dtype == 'auto' else ''})")
-    shards = d.train.batcher.num_shards
-    own = (f", {shards} shards, {len(d.train.examples)} train examples read by this host"
-           if len(d.train.examples) < len(d.train) else (f", {shards} shards" if shards > 1 else ""))
-    log(f"data: {len(d.train)} train / {pipeline.example_count(d.eval)} eval examples; "
-        f"{self.steps_per_epoch} steps per epoch; padding {d.train.batcher.padding_fraction(0):.1%} "
-        f"({'packed' if self.config.data.packing else 'length buckets'}{own})")
-    log(f"optimizer: {self.config.optimizer.name}, effective learning rate {self.effective_lr:.3g}{lr_note}, "
-        f"{self.total_steps} steps, batch {tc.global_batch_size} on mesh {dict(self.mesh.shape)}"
-        + (f", resuming at step {step}" if step else ""))
+  def _start_lines(self, step: int) -> list[str]:
+    return run_summary.start_lines(self, step)
 
   def _compiled(self, train_step, evaluator) -> tuple[int, float]:
     """(compilations, seconds compiling) of the whole run, earlier sessions included."""

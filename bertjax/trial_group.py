@@ -32,10 +32,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bertjax import checkpoint as ckpt_lib
-from bertjax import optim, sharding
-from bertjax.errors import UserError
+from bertjax import optim, resume, sharding
+from bertjax.errors import UserError, first_line
 from bertjax.step import TrainState, make_train_step
-from bertjax.trainer import Member, Trainer, WriteFailed, _config_snapshot, _first_line, log
+from bertjax.trainer import Member, Trainer, WriteFailed, log
 
 SHAPE_FREE = ("optimizer.learning_rate", "optimizer.weight_decay", "optimizer.eps", "optimizer.b1",
               "optimizer.b2", "optimizer.warmup_fraction", "optimizer.clip_norm")
@@ -49,7 +49,7 @@ def free_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def group_key(config: ml_collections.ConfigDict) -> str:
   """Equal for configs that can train in one group: everything but `free_keys` is equal."""
-  snapshot = _config_snapshot(config)
+  snapshot = resume.config_snapshot(config)
   for key in free_keys(config):
     group, name = key.split(".")
     snapshot.get(group, {}).pop(name, None)
@@ -223,7 +223,7 @@ class TrialGroup(Trainer):
       self.group_ckpt.save(step, state, meta)
       self.group_ckpt.wait()
     except ckpt_lib.CheckpointError as e:
-      raise WriteFailed(f"saving the group checkpoint of step {step} failed ({_first_line(e)}); the previous "
+      raise WriteFailed(f"saving the group checkpoint of step {step} failed ({first_line(e)}); the previous "
                         f"one (step {self.group_ckpt.latest_step()}) is intact") from None
 
   def _close(self) -> None:
@@ -232,14 +232,15 @@ class TrialGroup(Trainer):
 
   # ----- reporting ------------------------------------------------------------------------
 
-  def _print_start(self, step: int) -> None:
-    super()._print_start(step)
+  def _start_lines(self, step: int) -> list[str]:
     seeds = len({t.config.train.seed for t in self.trials}) > 1
-    log(f"trial group of {len(self.trials)} in {self.group_dir}; varying: {', '.join(self.varying) or 'nothing'}"
-        + (", train.seed" if seeds else ""))
+    lines = super()._start_lines(step) + [
+        f"trial group of {len(self.trials)} in {self.group_dir}; varying: {', '.join(self.varying) or 'nothing'}"
+        + (", train.seed" if seeds else "")]
     for k, t in enumerate(self.trials):
       values = [f"{name} {t.opt_plan.hparams[name]:g}" for name in self.varying]
-      log(f"[trial {k}] {t.workdir}: " + ", ".join(values + ([f"seed {t.config.train.seed}"] if seeds else [])))
+      lines.append(f"[trial {k}] {t.workdir}: " + ", ".join(values + ([f"seed {t.config.train.seed}"] if seeds else [])))
+    return lines
 
   def _summary_extra(self, member: Member) -> dict:
     return {"trial_group": {"size": len(self.trials), "index": member.index, "group_workdir": str(self.group_dir)}}

@@ -1,4 +1,4 @@
-"""Reading a finished (or running) training workdir: its config, labels, model folder and checkpoints."""
+"""A training workdir's run files (config, labels, model folder) and reading a finished (or running) run back."""
 
 import dataclasses
 import json
@@ -26,6 +26,18 @@ class Run:
   label_names: list[str] | None
   step: int
   params: dict
+
+
+def write_run_files(workdir: Path, config: dict, task: str, label_names: list[str] | None, hf_config: dict,
+                    tokenizer) -> None:
+  """config.json, labels.json and model/ (the HF config and tokenizer) that evaluate, predict and export read."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+  (workdir / "labels.json").write_text(json.dumps({"task": task, "label_names": label_names}, indent=2) + "\n")
+  model_dir = workdir / "model"
+  model_dir.mkdir(exist_ok=True)
+  (model_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+  tokenizer.save_pretrained(str(model_dir))
 
 
 def _read_json(path: Path) -> dict:

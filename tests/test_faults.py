@@ -129,8 +129,8 @@ def test_bfloat16_training_runs_and_learns(setup):
 
 def test_second_sigterm_ends_the_process_at_once():
   script = ("import os, signal, time\n"
-            "from bertjax.trainer import _StopSignal\n"
-            "stop = _StopSignal()\n"
+            "from bertjax.stop_signal import StopSignal\n"
+            "stop = StopSignal()\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"
             "assert stop.received == 'SIGTERM'\n"
             "print('first handled', flush=True)\n"

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from bertjax import trainer
+from bertjax import resume, trainer
 from bertjax.errors import UserError
 from bertjax.workdir import load_run
 from conftest import demo_setup, make_hf_classifier
@@ -258,17 +258,17 @@ def test_resume_check_tolerates_keys_added_later_at_their_default(tmp_path):
   new key is set to something other than its default."""
   from bertjax.config_base import base_config
   config = base_config()
-  saved = trainer._config_snapshot(config)
+  saved = resume.config_snapshot(config)
   del saved["data"]["label_names_file"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  trainer._check_resume_compatible(tmp_path, config)
+  resume.check_resume_compatible(tmp_path, config)
   config.data.label_names_file = "classes.txt"
   with pytest.raises(UserError, match="data.label_names_file=None, not 'classes.txt'"):
-    trainer._check_resume_compatible(tmp_path, config)
+    resume.check_resume_compatible(tmp_path, config)
   config.data.label_names_file = ""
   config.data.max_length = 64
   with pytest.raises(UserError, match="data.max_length=128, not 64"):
-    trainer._check_resume_compatible(tmp_path, config)
+    resume.check_resume_compatible(tmp_path, config)
 
 
 def test_resume_check_keeps_the_data_shards(tmp_path):
@@ -278,18 +278,18 @@ def test_resume_check_keeps_the_data_shards(tmp_path):
   from bertjax.config_base import base_config
   config = base_config()
   config.data.num_shards = 2
-  saved = trainer._config_snapshot(config)
+  saved = resume.config_snapshot(config)
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  trainer._check_resume_compatible(tmp_path, config)
+  resume.check_resume_compatible(tmp_path, config)
   config.data.num_shards = 1
   with pytest.raises(UserError, match="data.num_shards=2, not 1"):
-    trainer._check_resume_compatible(tmp_path, config)
+    resume.check_resume_compatible(tmp_path, config)
   del saved["data"]["num_shards"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  trainer._check_resume_compatible(tmp_path, config)
+  resume.check_resume_compatible(tmp_path, config)
   config.data.num_shards = 2
   with pytest.raises(UserError, match="data.num_shards=1, not 2"):
-    trainer._check_resume_compatible(tmp_path, config)
+    resume.check_resume_compatible(tmp_path, config)
 
 
 def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(tmp_path):
@@ -302,10 +302,10 @@ def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(tmp_path):
     resolve_dtype("float16")
   # A run saved with an explicit float32 resumes under `auto` on CPU, not under bfloat16.
   config = base_config()
-  saved = trainer._config_snapshot(config)
+  saved = resume.config_snapshot(config)
   saved["model"]["dtype"] = "float32"
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  trainer._check_resume_compatible(tmp_path, config)
+  resume.check_resume_compatible(tmp_path, config)
   config.model.dtype = "bfloat16"
   with pytest.raises(UserError, match="model.dtype='float32', not 'bfloat16'"):
-    trainer._check_resume_compatible(tmp_path, config)
+    resume.check_resume_compatible(tmp_path, config)
