@@ -1,19 +1,17 @@
 """Sweeps on a tiny BERT: grid results and ranking, resume without repeats, random draws, dispatch, errors."""
 
 import csv
-import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import jax
 import pytest
 
-from bertjax import checkpoint, run_log, sweep, trainer
+from bertjax import checkpoint, run_log, sweep, sweep_results, sweep_spec, trainer
 from bertjax.errors import UserError
 from conftest import demo_setup
 from test_train import demo_config
@@ -67,7 +65,7 @@ def grid_run(setup, fast_trials):
   """configs/sweeps/tiny_grid.py (2 learning rates x 2 seeds), in this process with a SIGINT during the
   last trial (it saves and stops, and so does the sweep), then resumed through the command line."""
   workdir = setup[0] / "grid"
-  spec = sweep.parse_sweep(sweep.load_sweep_file(str(REPO / "configs/sweeps/tiny_grid.py")))
+  spec = sweep_spec.parse_sweep(sweep_spec.load_sweep_file(str(REPO / "configs/sweeps/tiny_grid.py")))
   save = checkpoint.Checkpoints.save
 
   def save_then_signal(self, step, *args, **kwargs):
@@ -137,12 +135,12 @@ def test_rerun_of_a_finished_sweep_repeats_nothing(grid_run, setup):
   workdir = grid_run[0]
   files = {p: p.stat().st_mtime_ns for p in (workdir / "trials").rglob("*") if p.is_file()}
   rows = json.loads((workdir / "results.json").read_text())["trials"]
-  again, interrupted = sweep.run_sweep(base_config(setup), sweep.parse_sweep(sweep.load_sweep_file(
+  again, interrupted = sweep.run_sweep(base_config(setup), sweep_spec.parse_sweep(sweep_spec.load_sweep_file(
       str(REPO / "configs/sweeps/tiny_grid.py"))), str(workdir))
   assert not interrupted and again == rows
   assert {p: p.stat().st_mtime_ns for p in (workdir / "trials").rglob("*") if p.is_file()} == files
   with pytest.raises(UserError, match=r"sweep.json: this workdir holds a different sweep \(trial 0 is "):
-    sweep.run_sweep(base_config(setup), sweep.parse_sweep({"grid": {"optimizer.learning_rate": [1e-2, 3e-3]}}),
+    sweep.run_sweep(base_config(setup), sweep_spec.parse_sweep({"grid": {"optimizer.learning_rate": [1e-2, 3e-3]}}),
                     str(workdir))
 
 
@@ -151,9 +149,9 @@ def test_random_draws_are_deterministic_and_in_bounds():
          "random": {"optimizer.learning_rate": ("loguniform", 1e-5, 1e-4),
                     "optimizer.weight_decay": ("uniform", 0, 0.1),
                     "train.global_batch_size": ("int", 8, 12), "optimizer.name": ("choice", ["adamw", "lamb"])}}
-  a = sweep.sample_random(sweep.parse_sweep(raw).random, 50, 7)
-  assert a == sweep.sample_random(sweep.parse_sweep(raw).random, 50, 7)
-  assert a != sweep.sample_random(sweep.parse_sweep(raw).random, 50, 8)
+  a = sweep_spec.sample_random(sweep_spec.parse_sweep(raw).random, 50, 7)
+  assert a == sweep_spec.sample_random(sweep_spec.parse_sweep(raw).random, 50, 7)
+  assert a != sweep_spec.sample_random(sweep_spec.parse_sweep(raw).random, 50, 8)
   lrs = [s["optimizer.learning_rate"] for s in a]
   assert all(1e-5 <= v <= 1e-4 for v in lrs) and sum(v < 10 ** -4.5 for v in lrs) > 10  # log-spread
   assert all(0 <= s["optimizer.weight_decay"] <= 0.1 for s in a)
@@ -161,12 +159,12 @@ def test_random_draws_are_deterministic_and_in_bounds():
   assert all(type(s["train.global_batch_size"]) is int for s in a)
   assert {s["optimizer.name"] for s in a} == {"adamw", "lamb"}
   # A key's draws do not depend on the other keys.
-  alone = sweep.sample_random({"optimizer.learning_rate": ("loguniform", 1e-5, 1e-4)}, 50, 7)
+  alone = sweep_spec.sample_random({"optimizer.learning_rate": ("loguniform", 1e-5, 1e-4)}, 50, 7)
   assert [s["optimizer.learning_rate"] for s in alone] == lrs
-  trials = sweep.make_trials(sweep.parse_sweep(raw))
+  trials = sweep_spec.make_trials(sweep_spec.parse_sweep(raw))
   assert len(trials) == 100 and trials[0].name.startswith("000_seed=0_lr=")
-  assert [t.name for t in trials] == [t.name for t in sweep.make_trials(sweep.parse_sweep(raw))]
-  standalone = sweep.make_trials(sweep.parse_sweep({**raw, "grid": {}}))
+  assert [t.name for t in trials] == [t.name for t in sweep_spec.make_trials(sweep_spec.parse_sweep(raw))]
+  standalone = sweep_spec.make_trials(sweep_spec.parse_sweep({**raw, "grid": {}}))
   assert [t.overrides for t in standalone] == a
 
 
@@ -174,9 +172,9 @@ def test_ranking_puts_done_trials_first_and_failed_last():
   rows = [{"name": n, "status": st, "metric": m} for n, st, m in [
       ("a", "failed", None), ("b", "finished", 0.5), ("c", "pending", None), ("d", "interrupted", 0.1),
       ("e", "early_stopped", 0.2), ("f", "finished", 0.2)]]
-  assert [r["name"] for r in sweep.rank_rows(rows, "min")] == ["e", "f", "b", "d", "c", "a"]
-  assert [r["name"] for r in sweep.rank_rows(rows, "max")] == ["b", "e", "f", "d", "c", "a"]
-  assert [r["rank"] for r in sweep.rank_rows(rows, "max")] == [1, 2, 3, 4, 5, 6]
+  assert [r["name"] for r in sweep_results.rank_rows(rows, "min")] == ["e", "f", "b", "d", "c", "a"]
+  assert [r["name"] for r in sweep_results.rank_rows(rows, "max")] == ["b", "e", "f", "d", "c", "a"]
+  assert [r["rank"] for r in sweep_results.rank_rows(rows, "max")] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("raw,match", [
@@ -192,14 +190,14 @@ def test_ranking_puts_done_trials_first_and_failed_last():
 ])
 def test_bad_sweep_specs(raw, match):
   with pytest.raises(UserError, match=match):
-    sweep.parse_sweep(raw)
+    sweep_spec.parse_sweep(raw)
 
 
 def test_errors_common_to_all_trials_fail_before_any(setup, tmp_path):
-  spec = sweep.parse_sweep({"grid": {"train.global_batch_size": [16, 16.5]}})
+  spec = sweep_spec.parse_sweep({"grid": {"train.global_batch_size": [16, 16.5]}})
   with pytest.raises(UserError, match=r"sweep value train.global_batch_size=16.5 does not fit"):
     sweep.run_sweep(base_config(setup), spec, str(tmp_path / "a"))
-  spec = sweep.parse_sweep({"grid": {"train.seed": [0, 1]}})
+  spec = sweep_spec.parse_sweep({"grid": {"train.seed": [0, 1]}})
   with pytest.raises(UserError, match="no_such_model does not exist"):
     sweep.run_sweep(base_config(setup, **{"model.name_or_path": str(tmp_path / "no_such_model")}), spec,
                     str(tmp_path / "b"))
@@ -210,7 +208,7 @@ def test_errors_common_to_all_trials_fail_before_any(setup, tmp_path):
 
 def test_failed_trials_are_recorded_and_common_failures_stop_the_sweep(setup, tmp_path):
   # Failing on its own value: recorded (ranked last, with its message) and the sweep goes on.
-  spec = sweep.parse_sweep({"grid": {"train.global_batch_size": [15, 17]}})
+  spec = sweep_spec.parse_sweep({"grid": {"train.global_batch_size": [15, 17]}})
   rows, interrupted = sweep.run_sweep(base_config(setup, **{"train.grad_accum_steps": 2}), spec, str(tmp_path / "a"))
   assert not interrupted and [r["status"] for r in rows] == ["failed", "failed"]
   assert "train.global_batch_size=15 must be a multiple of train.grad_accum_steps=2" in rows[0]["error"]
@@ -221,7 +219,7 @@ def test_failed_trials_are_recorded_and_common_failures_stop_the_sweep(setup, tm
   data.mkdir()
   (data / "train.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\n")
   (data / "dev.tsv").write_text("sentence\tlabel\ngood film\t1\n")
-  spec = sweep.parse_sweep({"grid": {"train.seed": [0, 1]}})
+  spec = sweep_spec.parse_sweep({"grid": {"train.seed": [0, 1]}})
   with pytest.raises(UserError, match=r"trial 000_seed=0: .*train.tsv:3: .*stopped the sweep"):
     sweep.run_sweep(demo_config(data, setup[2], **STEPS), spec, str(tmp_path / "b"))
   statuses = [r["status"] for r in json.loads((tmp_path / "b" / "results.json").read_text())["trials"]]
@@ -237,7 +235,7 @@ def test_unknown_sweep_key_exits_2_in_one_line(setup, tmp_path):
 
 
 def test_parallel_dispatch_groups_by_key(setup, tmp_path, monkeypatch):
-  """--parallel K: trials with equal group_key go to train_group in chunks of <= K (a stand-in module here)."""
+  """--parallel K: trials with equal group_key go to train_group in chunks of <= K (stand-ins for its functions here)."""
   calls = []
 
   def train_group(configs, workdirs):
@@ -251,12 +249,10 @@ def test_parallel_dispatch_groups_by_key(setup, tmp_path, monkeypatch):
       out.append(summary)
     return out
 
-  fake = types.ModuleType("bertjax.trial_group")
-  fake.train_group = train_group
-  fake.group_key = lambda c: c.train.global_batch_size
-  monkeypatch.setitem(sys.modules, "bertjax.trial_group", fake)
+  monkeypatch.setattr("bertjax.trial_group.train_group", train_group)
+  monkeypatch.setattr("bertjax.trial_group.group_key", lambda c: c.train.global_batch_size)
   monkeypatch.setattr("bertjax.trainer.train_and_evaluate", lambda c, w: train_group([c], [w])[0])
-  spec = sweep.parse_sweep({"grid": {"train.global_batch_size": [8, 16],
+  spec = sweep_spec.parse_sweep({"grid": {"train.global_batch_size": [8, 16],
                                      "optimizer.learning_rate": [1e-3, 2e-3, 3e-3]}})
   rows, _ = sweep.run_sweep(base_config(setup), spec, str(tmp_path / "p"), parallel=2)
   assert calls == [["000_bs=8_lr=0.001", "001_bs=8_lr=0.002"], ["002_bs=8_lr=0.003"],
@@ -265,18 +261,10 @@ def test_parallel_dispatch_groups_by_key(setup, tmp_path, monkeypatch):
   assert sweep.plan_groups([0, 1, 2, 3, 4], ["a", "b", "a", "a", "b"], 2) == [[0, 2], [1, 4], [3]]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bertjax.trial_group") is not None, reason="bertjax.trial_group exists")
-def test_parallel_without_trial_group_is_one_line(setup, tmp_path):
-  spec = sweep.parse_sweep({"grid": {"train.seed": [0, 1]}})
-  with pytest.raises(UserError, match="--parallel > 1 needs bertjax/trial_group.py"):
-    sweep.run_sweep(base_config(setup), spec, str(tmp_path / "w"), parallel=2)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("bertjax.trial_group") is None, reason="bertjax.trial_group missing")
 def test_parallel_plan_with_trial_group(setup):
   """The real group_key: trials differing only in learning rate share a group; by default seeds do not."""
   from bertjax import trial_group
-  spec = sweep.parse_sweep(sweep.load_sweep_file(str(REPO / "configs/sweeps/tiny_grid.py")))
-  configs = sweep.trial_configs(base_config(setup), sweep.make_trials(spec))  # lr (outer) x seed
+  spec = sweep_spec.parse_sweep(sweep_spec.load_sweep_file(str(REPO / "configs/sweeps/tiny_grid.py")))
+  configs = sweep_spec.trial_configs(base_config(setup), sweep_spec.make_trials(spec))  # lr (outer) x seed
   assert sweep.plan_groups(range(4), [trial_group.group_key(c) for c in configs], 4) == [[0, 2], [1, 3]]
   assert sweep.plan_groups(range(4), [trial_group.group_key(c) for c in configs], 1) == [[0], [1], [2], [3]]
