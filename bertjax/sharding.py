@@ -75,6 +75,18 @@ def gather_from_processes(local: np.ndarray) -> np.ndarray:
   return np.concatenate([everyone[p, :n] for p, n in enumerate(counts)]).astype(local.dtype)
 
 
+def from_process_zero(values: np.ndarray) -> np.ndarray:
+  """Process 0's int32 array (the same shape on every process), on every process: how a multi-process
+  sweep makes every process take the decisions process 0 takes from the files it reads and writes."""
+  values = np.asarray(values, np.int32)
+  if jax.process_count() == 1:
+    return values
+  try:
+    return np.asarray(multihost_utils.broadcast_one_to_all(values)).astype(np.int32)
+  except jax.errors.JaxRuntimeError:
+    raise UserError(f"process {jax.process_index()}: another process stopped (see its output)") from None
+
+
 def local_rows_multiple(mesh: Mesh) -> int:
   """Rows per host must split evenly over this host's devices."""
   return max(1, len(mesh.local_devices))

@@ -22,9 +22,15 @@ DIR/plots/METRIC_vs_KEY.png the metric against each swept key. Re-running the sa
 trials and resumes an interrupted one from its checkpoint; failed trials are tried again.
 Exit code 0 when every trial ran (finished or failed), 1 when interrupted or the workdir cannot be written,
 2 on bad input.
+
+Several processes (hosts) run a sweep as they run one training job: the same command on each, with
+--coordinator_address/--num_processes/--process_id or from SLURM's environment
+(`MODULE=bertjax.sweep bash scripts/launch_local.sh N ...` on one machine). Each trial then trains on all of
+them, and process 0 writes the sweep's files.
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -32,12 +38,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 
 from bertjax.errors import UserError, exit_on_user_error, first_line
-from bertjax.sweep_results import (DONE, Outcome, format_table, metric_value, outcome_on_disk, plot_results,
+from bertjax.sweep_results import (DONE, STATUSES, Outcome, format_table, metric_value, outcome_on_disk, plot_results,
                                    status_of, write_atomic, write_results)
-from bertjax.sweep_spec import (Sweep, Trial, load_sweep_file, log, make_trials, native, parse_sweep,
-                                trial_configs)
+from bertjax.sweep_spec import Sweep, Trial, load_sweep_file, make_trials, native, parse_sweep, trial_configs
+
+
+def log(msg: str) -> None:
+  print(f"[sweep] {msg}", file=sys.stderr, flush=True)
 
 
 # ----- the plan ------------------------------------------------------------------------------
@@ -127,32 +137,51 @@ def _is_common_failure(outcome: Outcome, trial: Trial, workdir: Path) -> bool:
 
 def run_sweep(config: ml_collections.ConfigDict, sweep: Sweep, workdir: str, *, parallel: int = 1,
               fixed_keys: Sequence[str] = (), info: dict | None = None) -> tuple[list[dict], bool]:
-  """Runs the trials not yet finished; returns the ranked rows and whether the sweep was interrupted."""
+  """Runs the trials not yet finished; returns the ranked rows and whether the sweep was interrupted.
+
+  On several processes each trial is one multi-process run. Process 0 alone reads and writes the sweep's
+  own files (sweep.json, results, plots) and logs; the others take its decisions (which trials are done,
+  whether to stop) so that every process runs the same trials in the same order. They return no rows."""
+  import jax
+  from bertjax import sharding, trial_group
   if parallel < 1:
     raise UserError(f"--parallel must be at least 1, got {parallel}")
   both = sorted(set(fixed_keys) & (set(sweep.grid) | set(sweep.random)))
   if both:
     raise UserError(f"{both[0]} is both swept and set with --config.{both[0]}; drop one")
+  primary = jax.process_index() == 0
+  say = log if primary else (lambda msg: None)
   trials = make_trials(sweep)
+  dropped = math.prod(len(v) for v in sweep.grid.values()) * max(sweep.num_samples, 1) - len(trials)
+  if dropped:
+    say(f"{dropped} repeated combinations dropped")
   configs = trial_configs(config, trials)
   _preflight(configs)
-  from bertjax import trial_group
   group_key = trial_group.group_key if parallel > 1 else None
   root = Path(workdir)
-  _check_plan(root, trials, {**(info or {}), "metric": sweep.metric, "mode": sweep.mode,
-                             "keys": list(sweep.grid) + list(sweep.random)})
+  plan_error = ""
+  if primary:
+    try:
+      _check_plan(root, trials, {**(info or {}), "metric": sweep.metric, "mode": sweep.mode,
+                                 "keys": list(sweep.grid) + list(sweep.random)})
+    except UserError as e:
+      plan_error = str(e)
+  if sharding.from_process_zero(np.array([bool(plan_error)]))[0]:
+    raise UserError(plan_error or f"{root / 'sweep.json'}: process 0 refused this sweep (see its output)")
   dirs = [root / "trials" / t.name for t in trials]
   outcomes = [outcome_on_disk(d) for d in dirs]
+  codes = sharding.from_process_zero(np.array([STATUSES.index(o.status) for o in outcomes]))
+  outcomes = [o if o.status == STATUSES[c] else Outcome(STATUSES[c]) for o, c in zip(outcomes, codes)]
   todo = [i for i, o in enumerate(outcomes) if o.status not in DONE]
   if len(todo) < len(trials):
-    log(f"{len(trials) - len(todo)} of {len(trials)} trials already done; running the other {len(todo)}")
+    say(f"{len(trials) - len(todo)} of {len(trials)} trials already done; running the other {len(todo)}")
   groups = (plan_groups(todo, [group_key(configs[i]) for i in todo], parallel) if group_key
             else [[i] for i in todo])
   interrupted, first = False, True
   try:
     for group in groups:
       names = ", ".join(trials[i].name for i in group)
-      log(f"trial{'s' if len(group) > 1 else ''} {names} ({len(trials) - len(todo) + 1}/{len(trials)})"
+      say(f"trial{'s' if len(group) > 1 else ''} {names} ({len(trials) - len(todo) + 1}/{len(trials)})"
           + (" trained together" if len(group) > 1 else ""))
       if len(group) == 1:
         results = [_run_one(configs[group[0]], dirs[group[0]])]
@@ -162,19 +191,24 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sweep, workdir: str, *, 
         outcomes[i] = outcome
         todo.remove(i)
         metric = metric_value(outcome.summary, sweep.metric)
-        log(f"{trials[i].name}: {outcome.status}" + (f": {outcome.error}" if outcome.error else "")
+        say(f"{trials[i].name}: {outcome.status}" + (f": {outcome.error}" if outcome.error else "")
             + (f", {sweep.metric} {metric:.4f}" if metric is not None else "") + f" ({outcome.seconds:.1f} s)")
-      if first and all(_is_common_failure(outcomes[i], trials[i], dirs[i]) for i in group):
+      common = first and all(_is_common_failure(outcomes[i], trials[i], dirs[i]) for i in group)
+      stopped = any(outcomes[i].status == "interrupted" for i in group)
+      common, stopped = sharding.from_process_zero(np.array([common, stopped]))
+      if common:
         raise UserError(f"trial {trials[group[0]].name}: {outcomes[group[0]].error} (stopped the sweep: "
                         "this does not depend on the swept values)")
       first = False
-      write_results(root, sweep, trials, outcomes)
-      if any(outcomes[i].status == "interrupted" for i in group):
+      if primary:
+        write_results(root, sweep, trials, outcomes)
+      if stopped:
         interrupted = True
         break
   finally:
-    rows = write_results(root, sweep, trials, outcomes)
-    plot_results(root, sweep, rows)
+    rows = write_results(root, sweep, trials, outcomes) if primary else []
+    if primary:
+      plot_results(root, sweep, rows)
   return rows, interrupted
 
 
@@ -195,9 +229,8 @@ def main(argv):
   from bertjax.config_base import config_file_arg, override_keys
   sweep = parse_sweep(load_sweep_file(f.sweep), f.config.data.task)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  import jax
-  if f.compilation_cache:  # trials of equal shapes compile once
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(f.compilation_cache))
+  from bertjax import cli_setup
+  cli_setup.start_jax()  # the cache: trials of equal shapes compile once
   from bertjax import trainer
   info = {"config": config_file_arg(sys.argv), "sweep": f.sweep,
           "fixed": [a for a in sys.argv[1:] if a.startswith("--config.")]}
@@ -210,8 +243,9 @@ def main(argv):
   except KeyboardInterrupt:
     print("error: sweep interrupted; re-run the same command to resume", file=sys.stderr)
     sys.exit(1)
-  print(format_table(rows, sweep.metric))
-  log(f"results in {f.workdir}/results.csv, {f.workdir}/results.json and {f.workdir}/plots")
+  if rows:  # process 0
+    print(format_table(rows, sweep.metric))
+    log(f"results in {f.workdir}/results.csv, {f.workdir}/results.json and {f.workdir}/plots")
   if interrupted:
     print("error: sweep interrupted; re-run the same command to resume", file=sys.stderr)
     sys.exit(1)
@@ -220,15 +254,14 @@ def main(argv):
 def _define_flags() -> None:
   """Defined only when run as a program, so importing this module defines no flags."""
   from absl import flags
+  from bertjax import cli_setup
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Training config file (the base of every trial).",
                                   lock_config=True)
   flags.DEFINE_string("sweep", None, "Sweep file with get_sweep(): configs/sweeps/NAME.py[:arg].")
   flags.DEFINE_string("workdir", None, "Sweep directory: trials/, sweep.json, results.csv/json, plots/.")
   flags.DEFINE_integer("parallel", 1, "Train up to this many shape-compatible trials together (vmapped).")
-  flags.DEFINE_string("compilation_cache", os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bertjax",
-                                                        "xla"),
-                      "Persistent XLA compilation cache folder, shared by runs ('' = off).")
+  cli_setup.define_flags()
 
 
 def run() -> None:

@@ -14,6 +14,7 @@ from bertjax.sweep_spec import Sweep, Trial, format_value, native
 
 ENTRY_FIELDS = ("step", "eval_loss", "eval_accuracy", "eval_f1", "eval_pearson", "eval_spearman")
 DONE = ("finished", "early_stopped")
+STATUSES = ("pending", "interrupted", "finished", "early_stopped", "failed")
 
 
 @dataclasses.dataclass

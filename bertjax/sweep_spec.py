@@ -9,7 +9,6 @@ import difflib
 import itertools
 import json
 import re
-import sys
 import zlib
 from typing import Any, Sequence
 
@@ -26,10 +25,6 @@ SHORT = {"optimizer.learning_rate": "lr", "train.global_batch_size": "bs", "opti
          "train.num_epochs": "epochs", "optimizer.name": "opt", "optimizer.schedule": "sched",
          "optimizer.warmup_fraction": "warmup", "optimizer.layerwise_lr_decay": "lld", "optimizer.clip_norm": "clip",
          "train.grad_accum_steps": "accum", "data.max_length": "len", "train.max_steps": "steps"}
-
-
-def log(msg: str) -> None:
-  print(f"[sweep] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -170,8 +165,6 @@ def make_trials(sweep: Sweep) -> list[Trial]:
       if ident not in seen:
         seen.add(ident)
         combos.append(overrides)
-  if len(combos) < len(points) * len(samples):
-    log(f"{len(points) * len(samples) - len(combos)} repeated combinations dropped")
   keys = list(sweep.grid) + list(sweep.random)
   short = _short_names(keys)
   width = max(3, len(str(len(combos) - 1)))

@@ -5,22 +5,17 @@
 Re-running the same command with the same workdir resumes from its latest checkpoint.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from bertjax import cli_setup
 from bertjax.errors import UserError, exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary (resumed if present).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-flags.DEFINE_integer("heartbeat_timeout", 30, "Seconds after which the other processes give up on a dead one.")
-flags.DEFINE_string("compilation_cache", os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bertjax", "xla"),
-                    "Persistent XLA compilation cache folder, shared by runs ('' = off).")
+cli_setup.define_flags()
 
 
 @exit_on_user_error
@@ -32,12 +27,7 @@ def main(argv):
   if not flags.FLAGS.workdir:
     raise UserError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  import jax
-  if flags.FLAGS.compilation_cache:  # a re-run or resume skips compiling the shapes it has seen
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(flags.FLAGS.compilation_cache))
-  from bertjax import sharding
-  sharding.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                                  flags.FLAGS.process_id, flags.FLAGS.heartbeat_timeout)
+  cli_setup.start_jax()  # a re-run or resume skips compiling the shapes it has seen
   from bertjax import trainer  # after flag parsing, so a bad flag fails fast
   try:
     trainer.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts N bertjax.train processes on this machine (CPU devices, gloo collectives), to try multi-host.
 #   bash scripts/launch_local.sh 2 --config configs/demo.py --workdir runs/demo_2proc
+# MODULE=bertjax.sweep starts a sweep instead (same flags plus --sweep).
 # Each process gets DEVICES_PER_PROCESS CPU devices (default 1). Output goes to WORKDIR/process_K.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ logdir="${workdir:-.}"; mkdir -p "$logdir"
 pids=()
 for ((i = 0; i < n; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}" \
-    "$py" -m bertjax.train "$@" --coordinator_address="127.0.0.1:$port" --num_processes="$n" --process_id="$i" \
+    "$py" -m "${MODULE:-bertjax.train}" "$@" --coordinator_address="127.0.0.1:$port" --num_processes="$n" --process_id="$i" \
     > "$logdir/process_$i.log" 2>&1 &
   pids+=($!)
 done

@@ -25,10 +25,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(workdir, data, model, devices, *extra, env=None):
+def start(workdir, data, model, devices, *extra, env=None, module="bertjax.train"):
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(REPO),
          **(env or {})}
-  cmd = [sys.executable, "-m", "bertjax.train", f"--config={REPO}/configs/demo.py:tiny,data_dir={data}",
+  cmd = [sys.executable, "-m", module, f"--config={REPO}/configs/demo.py:tiny,data_dir={data}",
          f"--workdir={workdir}", f"--config.model.name_or_path={model}", *OVERRIDES, *extra]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -142,3 +142,35 @@ def test_a_bad_row_in_one_shard_stops_both_processes_with_one_line(setup, tmp_pa
   assert [p.returncode for p in procs] == [2, 2], outs
   assert outs[1][-1] == f"error: {bad / 'train.tsv'}:258: expected 2 fields, found 1 (malformed row)"
   assert outs[0][-1].startswith("error: process 0: another process stopped"), outs[0][-5:]
+
+
+def test_two_process_sweep_matches_one_process(setup, tmp_path):
+  """A sweep on 2 processes x 2 devices (two trials trained together as a group, then one alone) gives
+  every trial the losses of the same sweep on 1 process x 4 devices; process 0 alone writes the results."""
+  _, data, model = setup
+  sweep_file = tmp_path / "lr.py"
+  sweep_file.write_text('def get_sweep():\n  return {"grid": {"optimizer.learning_rate": [1e-3, 2e-3, 3e-3]}}\n')
+  extra = (f"--sweep={sweep_file}", "--parallel=2")
+  one = start(tmp_path / "one", data, model, 4, *extra, "--config.data.num_shards=2", module="bertjax.sweep")
+  out, _ = one.communicate(timeout=300)
+  assert one.returncode == 0, out[-3000:]
+  port = free_port()
+  procs = [start(tmp_path / "two", data, model, 2, *extra, f"--coordinator_address=127.0.0.1:{port}",
+                 "--num_processes=2", f"--process_id={i}", module="bertjax.sweep") for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  table = [[l for l in out.splitlines() if l.startswith("rank ")] for out in outs]  # the ranked table's head
+  assert "trained together" in outs[0] and len(table[0]) == 1, outs[0][-3000:]
+  assert "[sweep]" not in outs[1] and not table[1], outs[1][-3000:]
+  results = [json.loads((tmp_path / d / "results.json").read_text())["trials"] for d in ("one", "two")]
+  assert [r["name"] for r in results[0]] == [r["name"] for r in results[1]] and len(results[1]) == 3
+  for a, b in zip(*results):
+    assert a["status"] == b["status"] == "finished"
+    np.testing.assert_allclose(a["metric"], b["metric"], rtol=1e-6)
+  for name in (r["name"] for r in results[0]):
+    a_train, a_eval = train_losses(tmp_path / "one" / "trials" / name)
+    b_train, b_eval = train_losses(tmp_path / "two" / "trials" / name)
+    assert len(a_train) == len(b_train) == 12 and len(a_eval) == len(b_eval) == 2
+    np.testing.assert_allclose(a_train, b_train, rtol=1e-6)
+    np.testing.assert_allclose(a_eval, b_eval, rtol=1e-6)
