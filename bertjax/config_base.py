@@ -156,7 +156,7 @@ def call_python_file(spec: str, function: str, what: str) -> Any:
   except UserError:
     raise
   except Exception as e:  # whatever the file's top level raises
-    raise UserError(f"{path}: {type(e).__name__}: {first_line(e)}") from None
+    raise UserError(f"{path}: {type(e).__name__}: {first_line(e, empty='')}") from None
   if not callable(getattr(module, function, None)):
     raise UserError(f"{path} defines no {function}() function")
   try:
@@ -164,7 +164,7 @@ def call_python_file(spec: str, function: str, what: str) -> Any:
   except UserError:
     raise
   except Exception as e:
-    raise UserError(f"{path}: {function} failed: {type(e).__name__}: {first_line(e)}") from None
+    raise UserError(f"{path}: {function} failed: {type(e).__name__}: {first_line(e, empty='')}") from None
 
 
 def check_config_file(spec: str) -> None:

@@ -58,7 +58,7 @@ def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-def gather_from_processes(local: np.ndarray) -> np.ndarray:
+def gather_from_processes(local: np.ndarray, what: str = "their data shards' lengths and labels") -> np.ndarray:
   """Every process's array (32-bit, any leading length) concatenated in process order, on every
   process: how hosts that each read one data shard learn the lengths and labels of all shards."""
   if jax.process_count() == 1:
@@ -68,10 +68,12 @@ def gather_from_processes(local: np.ndarray) -> np.ndarray:
     padded = np.zeros((max(int(counts.max()), 1),) + local.shape[1:], local.dtype)
     padded[:len(local)] = local
     everyone = np.asarray(multihost_utils.process_allgather(padded))
-  except jax.errors.JaxRuntimeError:
+  except (jax.errors.JaxRuntimeError, ValueError) as e:
+    if not _peer_gone(e):
+      raise
     # Typically another process stopped on bad data in its shard and said so in its own output.
     raise UserError(f"process {jax.process_index()}: another process stopped while the processes "
-                    "exchanged their data shards' lengths and labels (see its output)") from None
+                    f"exchanged {what} (see its output)") from None
   return np.concatenate([everyone[p, :n] for p, n in enumerate(counts)]).astype(local.dtype)
 
 
@@ -83,8 +85,15 @@ def from_process_zero(values: np.ndarray) -> np.ndarray:
     return values
   try:
     return np.asarray(multihost_utils.broadcast_one_to_all(values)).astype(np.int32)
-  except jax.errors.JaxRuntimeError:
+  except (jax.errors.JaxRuntimeError, ValueError) as e:
+    if not _peer_gone(e):
+      raise
     raise UserError(f"process {jax.process_index()}: another process stopped (see its output)") from None
+
+
+def _peer_gone(e: Exception) -> bool:
+  """A collective failed because another process left it (XLA's error, or gloo's as a ValueError)."""
+  return isinstance(e, jax.errors.JaxRuntimeError) or "Gloo" in str(e)
 
 
 def local_rows_multiple(mesh: Mesh) -> int:

@@ -26,7 +26,8 @@ Exit code 0 when every trial ran (finished or failed), 1 when interrupted or the
 Several processes (hosts) run a sweep as they run one training job: the same command on each, with
 --coordinator_address/--num_processes/--process_id or from SLURM's environment
 (`MODULE=bertjax.sweep bash scripts/launch_local.sh N ...` on one machine). Each trial then trains on all of
-them, and process 0 writes the sweep's files.
+them, and process 0 writes the sweep's files. There a trial's error stops the sweep (exit 2), as it may be
+one process's alone (its data shard); re-running the command retries the trial.
 """
 
 import json
@@ -34,13 +35,14 @@ import math
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
 
-from bertjax.errors import UserError, exit_on_user_error, first_line
+from bertjax.errors import UserError, bound_distributed_exit, exit_on_user_error, first_line
 from bertjax.sweep_results import (DONE, STATUSES, Outcome, format_table, metric_value, outcome_on_disk, plot_results,
                                    status_of, write_atomic, write_results)
 from bertjax.sweep_spec import Sweep, Trial, load_sweep_file, make_trials, native, parse_sweep, trial_configs
@@ -105,22 +107,28 @@ def plan_groups(indices: Sequence[int], keys: Sequence[Any], size: int) -> list[
 
 
 def _run_one(config: ml_collections.ConfigDict, workdir: Path) -> Outcome:
+  import jax
   from bertjax import trainer
   t0 = time.time()
   try:
     summary = trainer.train_and_evaluate(config, str(workdir))
   except UserError as e:
+    if jax.process_count() > 1:  # maybe this process's alone (its data shard): the others can't go on
+      raise
     return Outcome("failed", error=first_line(e), seconds=time.time() - t0)
   return Outcome(status_of(summary), summary, seconds=time.time() - t0)
 
 
 def _run_group(configs: list, workdirs: list[Path]) -> list[Outcome]:
   """One vmapped program for the group. A summary with an "error" entry marks that trial failed."""
+  import jax
   from bertjax import trial_group
   t0 = time.time()
   try:
     summaries = trial_group.train_group(configs, [str(w) for w in workdirs])
   except UserError as e:
+    if jax.process_count() > 1:  # as in _run_one
+      raise
     return [Outcome("failed", error=first_line(e), seconds=time.time() - t0) for _ in configs]
   seconds = time.time() - t0
   return [Outcome("failed", error=str(s["error"]), seconds=seconds) if s.get("error") else
@@ -166,8 +174,16 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sweep, workdir: str, *, 
                                  "keys": list(sweep.grid) + list(sweep.random)})
     except UserError as e:
       plan_error = str(e)
-  if sharding.from_process_zero(np.array([bool(plan_error)]))[0]:
+  # Every process must run the same trials of the same config: process 0's fingerprint of both is checked.
+  from bertjax.resume import config_snapshot
+  plan = json.dumps([config_snapshot(config), _json_ready([[t.name, t.overrides] for t in trials])], sort_keys=True)
+  mine = np.array([bool(plan_error), len(trials), zlib.crc32(plan.encode()) & 0x7FFFFFFF])
+  refused, *fingerprint = sharding.from_process_zero(mine)
+  if refused:
     raise UserError(plan_error or f"{root / 'sweep.json'}: process 0 refused this sweep (see its output)")
+  if fingerprint != list(mine[1:]):
+    raise UserError(f"process {jax.process_index()}: this process's config or trial list differs from process 0's; "
+                    "start every process with the same command")
   dirs = [root / "trials" / t.name for t in trials]
   outcomes = [outcome_on_disk(d) for d in dirs]
   codes = sharding.from_process_zero(np.array([STATUSES.index(o.status) for o in outcomes]))
@@ -239,9 +255,11 @@ def main(argv):
                                   fixed_keys=override_keys(sys.argv), info=info)
   except trainer.WriteFailed as e:
     print(f"error: {e}", file=sys.stderr)
+    bound_distributed_exit(1)  # the other processes may be waiting for this one
     sys.exit(1)
   except KeyboardInterrupt:
     print("error: sweep interrupted; re-run the same command to resume", file=sys.stderr)
+    bound_distributed_exit(1)
     sys.exit(1)
   if rows:  # process 0
     print(format_table(rows, sweep.metric))

@@ -11,7 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bertjax import cli_setup
-from bertjax.errors import UserError, exit_on_user_error
+from bertjax.errors import UserError, bound_distributed_exit, exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary (resumed if present).")
@@ -33,6 +33,7 @@ def main(argv):
     trainer.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
   except trainer.WriteFailed as e:
     print(f"error: {e}", file=sys.stderr)
+    bound_distributed_exit(1)  # the other processes may be waiting for this one
     sys.exit(1)
 
 

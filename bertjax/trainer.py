@@ -403,9 +403,9 @@ class Trainer:
             pending.append((step, metrics))
             eval_due = (step % tc.eval_every_steps == 0) if tc.eval_every_steps else epoch_end
             eval_due = eval_due or step == self.total_steps
+            stopping = stop.agreed(step % tc.log_every_steps == 0)
             boundary = (eval_due or step == self.total_steps or
-                        (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0) or
-                        stop.received is not None)
+                        (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0) or stopping)
             if step % tc.log_every_steps == 0 or boundary:
               jax.block_until_ready(metrics)
               # Compilation is reported apart (compile_seconds), not as slow training.
@@ -418,17 +418,20 @@ class Trainer:
               stats["wait_seconds"] += batches.wait_seconds
               batches.wait_seconds = 0.0
               evals = do_eval() if eval_due else {}
-              if evals or step == self.total_steps or stop.received is not None or (
+              if evals or step == self.total_steps or stopping or (
                   tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0):
                 save(evals)
+              if not stopping and stop.agreed(True):  # a signal during the eval or save: stop at this step
+                stopping = True
+                save(evals)  # nothing to do if this step was just saved
               if evals:
                 summarize()
               for m in active():
                 if tc.early_stopping_patience and m.evals_since_best >= tc.early_stopping_patience:
                   m.stopped_by = f"early stopping (eval loss did not improve for {m.evals_since_best} evals)"
                   m.end_step = step
-              if stop.received is not None:
-                signalled = f"signal {stop.received}"
+              if stopping:
+                signalled = f"signal {stop.received or 'to another process'}"
               t_segment, compile_mark = time.perf_counter(), train_step.compile_seconds
             if step >= self.total_steps or signalled is not None or not active():
               break

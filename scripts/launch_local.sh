@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Starts N bertjax.train processes on this machine (CPU devices, gloo collectives), to try multi-host.
+# Starts N bertjax.train (or MODULE) processes on this machine (CPU devices, gloo collectives), to try multi-host.
 #   bash scripts/launch_local.sh 2 --config configs/demo.py --workdir runs/demo_2proc
 # MODULE=bertjax.sweep starts a sweep instead (same flags plus --sweep).
 # Each process gets DEVICES_PER_PROCESS CPU devices (default 1). Output goes to WORKDIR/process_K.log.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -127,50 +128,89 @@ def test_killing_one_process_fails_the_other(setup):
   assert procs[0].returncode != 0 and time.time() - t0 < 60
 
 
-def test_a_bad_row_in_one_shard_stops_both_processes_with_one_line(setup, tmp_path):
-  """Process 1 alone reads the malformed last row; process 0, waiting to learn the other shard's
-  lengths, stops too instead of hanging."""
+def test_sigterm_to_one_process_stops_both_at_the_same_step(setup, tmp_path):
+  """Saving is collective, so a signal to one process (process 1 here) stops every process after the same
+  step: both save that step's checkpoint and exit 0 instead of waiting for each other."""
+  _, data, model = setup
+  port = free_port()
+  extra = ("--config.train.max_steps=100000", "--config.train.log_every_steps=2")
+  procs = [start(tmp_path, data, model, 1, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}", *extra) for i in range(2)]
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+      assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-2000:]
+      time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["stopped_by"] == "signal to another process" and not summary["finished"], summary
+  steps = sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir() if d.name.isdigit())
+  assert steps[-1] == summary["steps"] and summary["steps"] % 2 == 0  # a log step, where they agree
+
+
+@pytest.mark.parametrize("module,split", [("bertjax.train", "train"), ("bertjax.train", "dev"),
+                                          ("bertjax.sweep", "train")])
+def test_a_bad_row_in_one_shard_stops_both_processes_with_one_line(setup, tmp_path, module, split):
+  """Process 1 alone reads the malformed last row. The processes agree on such errors before they exchange
+  their shards' lengths, so process 0 stops at once with one line instead of waiting for process 1's
+  shard: for the train split, for the eval split (read after an exchange), and in a sweep's trial."""
   root, data, model = setup
   bad = tmp_path / "data"
   bad.mkdir()
-  (bad / "dev.tsv").write_text((data / "dev.tsv").read_text())
-  (bad / "train.tsv").write_text((data / "train.tsv").read_text() + "a row without its label\n")
+  for name in ("dev.tsv", "train.tsv"):
+    (bad / name).write_text((data / name).read_text() + ("a row without its label\n" if name == f"{split}.tsv" else ""))
+  rows = len((bad / f"{split}.tsv").read_text().splitlines())
+  sweep_file = tmp_path / "lr.py"
+  sweep_file.write_text('def get_sweep():\n  return {"grid": {"optimizer.learning_rate": [1e-3, 2e-3]}}\n')
+  extra = (f"--sweep={sweep_file}",) if module == "bertjax.sweep" else ()
   port = free_port()
   procs = [start(tmp_path / "run", bad, model, 1, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                 f"--process_id={i}") for i in range(2)]
+                 f"--process_id={i}", *extra, module=module) for i in range(2)]
   outs = [p.communicate(timeout=180)[0].strip().splitlines() for p in procs]
   assert [p.returncode for p in procs] == [2, 2], outs
-  assert outs[1][-1] == f"error: {bad / 'train.tsv'}:258: expected 2 fields, found 1 (malformed row)"
-  assert outs[0][-1].startswith("error: process 0: another process stopped"), outs[0][-5:]
+  assert outs[1][-1] == f"error: {bad / f'{split}.tsv'}:{rows}: expected 2 fields, found 1 (malformed row)"
+  assert outs[0][-1] == f"error: stopped: process 1 found bad input in its shard of {bad / f'{split}.tsv'} " \
+                        "(see its output)", outs[0][-5:]
 
 
-def test_two_process_sweep_matches_one_process(setup, tmp_path):
-  """A sweep on 2 processes x 2 devices (two trials trained together as a group, then one alone) gives
-  every trial the losses of the same sweep on 1 process x 4 devices; process 0 alone writes the results."""
-  _, data, model = setup
-  sweep_file = tmp_path / "lr.py"
-  sweep_file.write_text('def get_sweep():\n  return {"grid": {"optimizer.learning_rate": [1e-3, 2e-3, 3e-3]}}\n')
-  extra = (f"--sweep={sweep_file}", "--parallel=2")
-  one = start(tmp_path / "one", data, model, 4, *extra, "--config.data.num_shards=2", module="bertjax.sweep")
-  out, _ = one.communicate(timeout=300)
-  assert one.returncode == 0, out[-3000:]
+def test_an_error_of_one_process_alone_does_not_hang_the_others(tmp_path):
+  """Process 1 stops on an error of its own while process 0 waits for it in a collective: its exit waits
+  in jax.distributed's shutdown only for the grace period, then it ends, and process 0's collective fails."""
+  script = tmp_path / "alone.py"
+  script.write_text(
+      "import sys, time\n"
+      "import jax, numpy as np\n"
+      "from jax.experimental import multihost_utils\n"
+      "from bertjax import errors, sharding\n"
+      "i = int(sys.argv[2])\n"
+      "jax.distributed.initialize(sys.argv[1], 2, i, heartbeat_timeout_seconds=120)\n"
+      "sharding.gather_from_processes(np.array([i], np.int32))  # the processes' collectives are set up\n"
+      "if i == 1:\n"
+      "  print('error: my own', flush=True)\n"
+      "  errors.bound_distributed_exit(2, grace_seconds=3)\n"
+      "  sys.exit(2)\n"
+      "t0 = time.time()\n"
+      "try:\n"
+      "  sharding.gather_from_processes(np.array([i], np.int32))\n"
+      "except errors.UserError as e:\n"
+      "  print(f'{e} after {time.time() - t0:.0f} s', flush=True)\n")
   port = free_port()
-  procs = [start(tmp_path / "two", data, model, 2, *extra, f"--coordinator_address=127.0.0.1:{port}",
-                 "--num_processes=2", f"--process_id={i}", module="bertjax.sweep") for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  table = [[l for l in out.splitlines() if l.startswith("rank ")] for out in outs]  # the ranked table's head
-  assert "trained together" in outs[0] and len(table[0]) == 1, outs[0][-3000:]
-  assert "[sweep]" not in outs[1] and not table[1], outs[1][-3000:]
-  results = [json.loads((tmp_path / d / "results.json").read_text())["trials"] for d in ("one", "two")]
-  assert [r["name"] for r in results[0]] == [r["name"] for r in results[1]] and len(results[1]) == 3
-  for a, b in zip(*results):
-    assert a["status"] == b["status"] == "finished"
-    np.testing.assert_allclose(a["metric"], b["metric"], rtol=1e-6)
-  for name in (r["name"] for r in results[0]):
-    a_train, a_eval = train_losses(tmp_path / "one" / "trials" / name)
-    b_train, b_eval = train_losses(tmp_path / "two" / "trials" / name)
-    assert len(a_train) == len(b_train) == 12 and len(a_eval) == len(b_eval) == 2
-    np.testing.assert_allclose(a_train, b_train, rtol=1e-6)
-    np.testing.assert_allclose(a_eval, b_eval, rtol=1e-6)
+  env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=100)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert procs[1].returncode == 2 and "error: my own" in outs[1], outs[1][-2000:]
+  assert "process 0: another process stopped while the processes exchanged" in outs[0], outs[0][-2000:]

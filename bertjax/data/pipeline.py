@@ -27,6 +27,24 @@ class Split:
 Gather = Callable[[np.ndarray], np.ndarray]  # all processes' arrays, concatenated in process order
 
 
+def agreed(gather: Gather | None, work: Callable[[], Any], what: str) -> Any:
+  """`work()`, which reads this process's data shard. With several processes (`gather`), a bad-input error
+  on one process stops them all here, each with one line, instead of leaving the others waiting for it."""
+  if gather is None:
+    return work()
+  try:
+    result, error = work(), None
+  except UserError as e:
+    result, error = None, e
+  failed = gather(np.array([error is not None], np.int32))
+  if error is not None:
+    raise error
+  if failed.any():
+    raise UserError(f"stopped: process {int(np.argmax(failed))} found bad input in its shard of {what} "
+                    "(see its output)")
+  return result
+
+
 def gather_strings(gather: Gather, values: list[str]) -> list[str]:
   """All processes' lists of strings, concatenated (through `gather`, which moves numbers)."""
   raw = np.frombuffer(json.dumps(values).encode(), np.uint8).astype(np.int32)
@@ -116,18 +134,19 @@ def build(data_cfg, tokenizer, model_cfg: EncoderConfig, cache_dir: Path | None,
   if sharded and gather is None:
     raise ValueError("reading shards on several processes needs `gather`")
   shard = (process_index, process_count) if sharded else (0, 1)
-  train = read(data_cfg, data_cfg.train, shard=shard)
-  names = label_names if label_names is not None else \
-      resolve_label_names(data_cfg, train, gather if sharded else None)
-  evals = read(data_cfg, data_cfg.eval, shard=shard) if data_cfg.eval else None
+  each = gather if sharded else None  # reading shards: agree on errors before exchanging anything
+  train = agreed(each, lambda: read(data_cfg, data_cfg.train, shard=shard), data_cfg.train)
+  names = label_names if label_names is not None else resolve_label_names(data_cfg, train, each)
+  evals = agreed(each, lambda: read(data_cfg, data_cfg.eval, shard=shard), data_cfg.eval) if data_cfg.eval else None
   common = dict(max_length=data_cfg.max_length, packing=data_cfg.packing, max_per_row=data_cfg.max_per_row,
                 process_index=process_index, process_count=process_count, row_multiple=row_multiple,
                 num_shards=num_shards)
 
   def split(examples, batch_size, shuffle):
-    labels = sources.encode_labels(examples, names or [], data_cfg.task)
-    tokens = tokenize_cached(cache_dir, tokenizer, examples, data_cfg.max_length, data_cfg.truncation,
-                             model_cfg.type_vocab_size > 1, text_fields(data_cfg))
+    labels, tokens = agreed(each, lambda: (
+        sources.encode_labels(examples, names or [], data_cfg.task),
+        tokenize_cached(cache_dir, tokenizer, examples, data_cfg.max_length, data_cfg.truncation,
+                        model_cfg.type_vocab_size > 1, text_fields(data_cfg))), examples.source)
     lengths = None
     if sharded:  # this host's share; the plan needs every example's length, metrics every label
       labels, lengths = gather(labels), gather(tokens.lengths.astype(np.int32))
