@@ -71,7 +71,7 @@ def gather_from_processes(local: np.ndarray, what: str = "their data shards' len
   except (jax.errors.JaxRuntimeError, ValueError) as e:
     if not _peer_gone(e):
       raise
-    # Typically another process stopped on bad data in its shard and said so in its own output.
+    # Another process left (it died, or stopped on an error of its own and said so in its output).
     raise UserError(f"process {jax.process_index()}: another process stopped while the processes "
                     f"exchanged {what} (see its output)") from None
   return np.concatenate([everyone[p, :n] for p, n in enumerate(counts)]).astype(local.dtype)

@@ -1,4 +1,5 @@
-"""SIGTERM/SIGINT during training: the loop checkpoints at the current step and exits."""
+"""SIGTERM/SIGINT during training: the loop checkpoints at the current step (on several processes, at a step
+they agree on) and exits."""
 
 import os
 import signal

@@ -26,8 +26,9 @@ Exit code 0 when every trial ran (finished or failed), 1 when interrupted or the
 Several processes (hosts) run a sweep as they run one training job: the same command on each, with
 --coordinator_address/--num_processes/--process_id or from SLURM's environment
 (`MODULE=bertjax.sweep bash scripts/launch_local.sh N ...` on one machine). Each trial then trains on all of
-them, and process 0 writes the sweep's files. There a trial's error stops the sweep (exit 2), as it may be
-one process's alone (its data shard); re-running the command retries the trial.
+them, and process 0 writes the sweep's files. Every process must see the same files (a shared filesystem) and
+run the same command (checked): a trial's error is then the same on all of them (bad rows in one process's
+data shard are agreed on first), and the sweep goes on as on one process.
 """
 
 import json
@@ -107,28 +108,22 @@ def plan_groups(indices: Sequence[int], keys: Sequence[Any], size: int) -> list[
 
 
 def _run_one(config: ml_collections.ConfigDict, workdir: Path) -> Outcome:
-  import jax
   from bertjax import trainer
   t0 = time.time()
   try:
     summary = trainer.train_and_evaluate(config, str(workdir))
   except UserError as e:
-    if jax.process_count() > 1:  # maybe this process's alone (its data shard): the others can't go on
-      raise
     return Outcome("failed", error=first_line(e), seconds=time.time() - t0)
   return Outcome(status_of(summary), summary, seconds=time.time() - t0)
 
 
 def _run_group(configs: list, workdirs: list[Path]) -> list[Outcome]:
   """One vmapped program for the group. A summary with an "error" entry marks that trial failed."""
-  import jax
   from bertjax import trial_group
   t0 = time.time()
   try:
     summaries = trial_group.train_group(configs, [str(w) for w in workdirs])
   except UserError as e:
-    if jax.process_count() > 1:  # as in _run_one
-      raise
     return [Outcome("failed", error=first_line(e), seconds=time.time() - t0) for _ in configs]
   seconds = time.time() - t0
   return [Outcome("failed", error=str(s["error"]), seconds=seconds) if s.get("error") else
@@ -174,16 +169,17 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sweep, workdir: str, *, 
                                  "keys": list(sweep.grid) + list(sweep.random)})
     except UserError as e:
       plan_error = str(e)
-  # Every process must run the same trials of the same config: process 0's fingerprint of both is checked.
+  if sharding.from_process_zero(np.array([bool(plan_error)]))[0]:
+    raise UserError(plan_error or f"{root / 'sweep.json'}: process 0 refused this sweep (see its output)")
+  # Every process must run the same trials of the same config: all compare their fingerprints of both.
   from bertjax.resume import config_snapshot
   plan = json.dumps([config_snapshot(config), _json_ready([[t.name, t.overrides] for t in trials])], sort_keys=True)
-  mine = np.array([bool(plan_error), len(trials), zlib.crc32(plan.encode()) & 0x7FFFFFFF])
-  refused, *fingerprint = sharding.from_process_zero(mine)
-  if refused:
-    raise UserError(plan_error or f"{root / 'sweep.json'}: process 0 refused this sweep (see its output)")
-  if fingerprint != list(mine[1:]):
-    raise UserError(f"process {jax.process_index()}: this process's config or trial list differs from process 0's; "
-                    "start every process with the same command")
+  prints = sharding.gather_from_processes(np.array([len(trials), zlib.crc32(plan.encode()) & 0x7FFFFFFF],
+                                                   np.int32), "their trial lists").reshape(-1, 2)
+  differs = [p for p in range(len(prints)) if (prints[p] != prints[0]).any()]
+  if differs:
+    raise UserError(f"process {differs[0]}'s config or trial list differs from process 0's; start every process "
+                    "with the same command")
   dirs = [root / "trials" / t.name for t in trials]
   outcomes = [outcome_on_disk(d) for d in dirs]
   codes = sharding.from_process_zero(np.array([STATUSES.index(o.status) for o in outcomes]))

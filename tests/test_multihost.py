@@ -161,7 +161,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(setup, tmp_path):
 def test_a_bad_row_in_one_shard_stops_both_processes_with_one_line(setup, tmp_path, module, split):
   """Process 1 alone reads the malformed last row. The processes agree on such errors before they exchange
   their shards' lengths, so process 0 stops at once with one line instead of waiting for process 1's
-  shard: for the train split, for the eval split (read after an exchange), and in a sweep's trial."""
+  shard: for the train split, for the eval split (read after an exchange), and in a sweep, where the trial
+  fails on both processes alike and the sweep stops as on one process."""
   root, data, model = setup
   bad = tmp_path / "data"
   bad.mkdir()
@@ -174,11 +175,18 @@ def test_a_bad_row_in_one_shard_stops_both_processes_with_one_line(setup, tmp_pa
   port = free_port()
   procs = [start(tmp_path / "run", bad, model, 1, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                  f"--process_id={i}", *extra, module=module) for i in range(2)]
-  outs = [p.communicate(timeout=180)[0].strip().splitlines() for p in procs]
+  try:
+    outs = [p.communicate(timeout=180)[0].strip().splitlines() for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   assert [p.returncode for p in procs] == [2, 2], outs
-  assert outs[1][-1] == f"error: {bad / f'{split}.tsv'}:{rows}: expected 2 fields, found 1 (malformed row)"
-  assert outs[0][-1] == f"error: stopped: process 1 found bad input in its shard of {bad / f'{split}.tsv'} " \
-                        "(see its output)", outs[0][-5:]
+  said = [f"stopped: process 1 failed on its shard of {bad / f'{split}.tsv'} (see its output)",
+          f"{bad / f'{split}.tsv'}:{rows}: expected 2 fields, found 1 (malformed row)"]
+  if module == "bertjax.sweep":  # the first trial failed the same way on both: the sweep stops
+    said = [f"trial 000_lr=0.001: {m} (stopped the sweep: this does not depend on the swept values)" for m in said]
+  assert [out[-1] for out in outs] == [f"error: {m}" for m in said], [out[-3:] for out in outs]
 
 
 def test_an_error_of_one_process_alone_does_not_hang_the_others(tmp_path):
@@ -214,3 +222,33 @@ def test_an_error_of_one_process_alone_does_not_hang_the_others(tmp_path):
         p.kill()
   assert procs[1].returncode == 2 and "error: my own" in outs[1], outs[1][-2000:]
   assert "process 0: another process stopped while the processes exchanged" in outs[0], outs[0][-2000:]
+def test_two_process_sweep_matches_one_process(setup, tmp_path):
+  """A sweep on 2 processes x 2 devices (two trials trained together as a group, then one alone) gives
+  every trial the losses of the same sweep on 1 process x 4 devices; process 0 alone writes the results."""
+  _, data, model = setup
+  sweep_file = tmp_path / "lr.py"
+  sweep_file.write_text('def get_sweep():\n  return {"grid": {"optimizer.learning_rate": [1e-3, 2e-3, 3e-3]}}\n')
+  extra = (f"--sweep={sweep_file}", "--parallel=2")
+  one = start(tmp_path / "one", data, model, 4, *extra, "--config.data.num_shards=2", module="bertjax.sweep")
+  out, _ = one.communicate(timeout=300)
+  assert one.returncode == 0, out[-3000:]
+  port = free_port()
+  procs = [start(tmp_path / "two", data, model, 2, *extra, f"--coordinator_address=127.0.0.1:{port}",
+                 "--num_processes=2", f"--process_id={i}", module="bertjax.sweep") for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  table = [[l for l in out.splitlines() if l.startswith("rank ")] for out in outs]  # the ranked table's head
+  assert "trained together" in outs[0] and len(table[0]) == 1, outs[0][-3000:]
+  assert "[sweep]" not in outs[1] and not table[1], outs[1][-3000:]
+  results = [json.loads((tmp_path / d / "results.json").read_text())["trials"] for d in ("one", "two")]
+  assert [r["name"] for r in results[0]] == [r["name"] for r in results[1]] and len(results[1]) == 3
+  for a, b in zip(*results):
+    assert a["status"] == b["status"] == "finished"
+    np.testing.assert_allclose(a["metric"], b["metric"], rtol=1e-6)
+  for name in (r["name"] for r in results[0]):
+    a_train, a_eval = train_losses(tmp_path / "one" / "trials" / name)
+    b_train, b_eval = train_losses(tmp_path / "two" / "trials" / name)
+    assert len(a_train) == len(b_train) == 12 and len(a_eval) == len(b_eval) == 2
+    np.testing.assert_allclose(a_train, b_train, rtol=1e-6)
+    np.testing.assert_allclose(a_eval, b_eval, rtol=1e-6)

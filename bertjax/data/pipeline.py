@@ -29,19 +29,19 @@ Gather = Callable[[np.ndarray], np.ndarray]  # all processes' arrays, concatenat
 
 def agreed(gather: Gather | None, work: Callable[[], Any], what: str) -> Any:
   """`work()`, which reads this process's data shard. With several processes (`gather`), a bad-input error
-  on one process stops them all here, each with one line, instead of leaving the others waiting for it."""
+  (or any exception) on one process stops them all here, each with its line, instead of leaving the others
+  waiting for it."""
   if gather is None:
     return work()
   try:
     result, error = work(), None
-  except UserError as e:
+  except Exception as e:  # a UserError, or anything unexpected: the others must not wait for this process
     result, error = None, e
   failed = gather(np.array([error is not None], np.int32))
   if error is not None:
     raise error
   if failed.any():
-    raise UserError(f"stopped: process {int(np.argmax(failed))} found bad input in its shard of {what} "
-                    "(see its output)")
+    raise UserError(f"stopped: process {int(np.argmax(failed))} failed on its shard of {what} (see its output)")
   return result
 
 
