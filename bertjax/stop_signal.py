@@ -34,7 +34,8 @@ class StopSignal:
     if not may_exchange:
       return False
     from bertjax import sharding
-    return bool(sharding.gather_from_processes(np.array([self.received is not None], np.int32), "their stop signals").any())
+    flags = sharding.gather_from_processes(np.array([self.received is not None], np.int32), "their stop signals")
+    return bool(flags.any())
 
   def restore(self):
     for sig, handler in self._old.items():

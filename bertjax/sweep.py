@@ -59,10 +59,9 @@ def _json_ready(value: Any) -> Any:
   return json.loads(json.dumps(value, default=native))
 
 
-def _check_plan(root: Path, trials: Sequence[Trial], info: dict) -> None:
-  """Writes DIR/sweep.json, or checks that an existing one lists the same trials."""
+def _check_plan(root: Path, planned: list[dict], info: dict) -> None:
+  """Writes DIR/sweep.json, or checks that an existing one lists the same trials (`planned`)."""
   path = root / "sweep.json"
-  planned = _json_ready([{"name": t.name, "overrides": t.overrides} for t in trials])
   if path.exists():
     try:
       saved = json.loads(path.read_text()).get("trials")
@@ -162,10 +161,11 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sweep, workdir: str, *, 
   _preflight(configs)
   group_key = trial_group.group_key if parallel > 1 else None
   root = Path(workdir)
+  planned = _json_ready([{"name": t.name, "overrides": t.overrides} for t in trials])
   plan_error = ""
   if primary:
     try:
-      _check_plan(root, trials, {**(info or {}), "metric": sweep.metric, "mode": sweep.mode,
+      _check_plan(root, planned, {**(info or {}), "metric": sweep.metric, "mode": sweep.mode,
                                  "keys": list(sweep.grid) + list(sweep.random)})
     except UserError as e:
       plan_error = str(e)
@@ -173,7 +173,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sweep, workdir: str, *, 
     raise UserError(plan_error or f"{root / 'sweep.json'}: process 0 refused this sweep (see its output)")
   # Every process must run the same trials of the same config: all compare their fingerprints of both.
   from bertjax.resume import config_snapshot
-  plan = json.dumps([config_snapshot(config), _json_ready([[t.name, t.overrides] for t in trials])], sort_keys=True)
+  plan = json.dumps([config_snapshot(config), planned], sort_keys=True)
   prints = sharding.gather_from_processes(np.array([len(trials), zlib.crc32(plan.encode()) & 0x7FFFFFFF],
                                                    np.int32), "their trial lists").reshape(-1, 2)
   differs = [p for p in range(len(prints)) if (prints[p] != prints[0]).any()]

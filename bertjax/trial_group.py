@@ -239,7 +239,8 @@ class TrialGroup(Trainer):
         + (", train.seed" if seeds else "")]
     for k, t in enumerate(self.trials):
       values = [f"{name} {t.opt_plan.hparams[name]:g}" for name in self.varying]
-      lines.append(f"[trial {k}] {t.workdir}: " + ", ".join(values + ([f"seed {t.config.train.seed}"] if seeds else [])))
+      values += [f"seed {t.config.train.seed}"] if seeds else []
+      lines.append(f"[trial {k}] {t.workdir}: " + ", ".join(values))
     return lines
 
   def _summary_extra(self, member: Member) -> dict:

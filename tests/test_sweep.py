@@ -235,7 +235,7 @@ def test_unknown_sweep_key_exits_2_in_one_line(setup, tmp_path):
 
 
 def test_parallel_dispatch_groups_by_key(setup, tmp_path, monkeypatch):
-  """--parallel K: trials with equal group_key go to train_group in chunks of <= K (stand-ins for its functions here)."""
+  """--parallel K: trials with equal group_key go to train_group in chunks of <= K (stand-ins for both here)."""
   calls = []
 
   def train_group(configs, workdirs):
