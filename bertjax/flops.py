@@ -8,6 +8,7 @@ These are the model's FLOPs: the encoder's last layer runs only at the read-out 
 `bertjax.models.encoder`), and the work it skips there is still counted, as it is for a peer that does it.
 """
 
+import functools
 import time
 
 import jax
@@ -33,12 +34,13 @@ def train_flops(cfg: EncoderConfig, lengths: np.ndarray) -> float:
   return 3.0 * forward_flops(cfg, lengths)
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
-  """Best FLOP/s of an n^3 matmul: one device's, times the device count on accelerators (fake CPU
-  devices share the same cores, so a CPU's peak is one device's)."""
+def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype="float32") -> float:
+  """Best FLOP/s of an n^3 matmul with operands of `dtype` summed in float32, as the model's products
+  are: one device's, times the device count on accelerators (fake CPU devices share the same cores, so
+  a CPU's peak is one device's)."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  mm = jax.jit(jnp.matmul)
+  mm = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
   mm(a, b).block_until_ready()
   best = float("inf")
   for _ in range(repeats):

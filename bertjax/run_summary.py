@@ -47,7 +47,8 @@ def make_summary(trainer, member, step: int, epochs_completed: float, stats: dic
       "padding_fraction": 1.0 - stats["tokens"] / max(stats["slots"], 1),
       "mfu": tokens_per_sec * flops_per_token / peak_flops,
       "mfu_method": "train FLOPs of real tokens (3x forward, attention within each example) / measured "
-                    "f32 matmul peak of this machine",
+                    f"matmul peak of this machine ({trainer.matmul_dtype} operands, float32 sums)",
+      "matmul_dtype": trainer.matmul_dtype,
       "matmul_peak_flops": peak_flops,
       "num_compilations": compiled[0],
       "compile_seconds": compiled[1],
@@ -73,7 +74,8 @@ def start_lines(trainer, step: int) -> list[str]:
   return [
       f"model: {trainer.model_cfg.family} {trainer.config.model.name_or_path} ({trainer.model_cfg.num_layers} "
       f"layers, hidden {trainer.model_cfg.hidden_size}, {d.num_labels} labels, {trainer.dtype}"
-      f"{' (auto)' if trainer.config.model.dtype == 'auto' else ''})",
+      f"{' (auto)' if trainer.config.model.dtype == 'auto' else ''}, matmuls {trainer.matmul_dtype}"
+      f"{' (auto)' if trainer.config.model.matmul_dtype == 'auto' else ''})",
       f"data: {len(d.train)} train / {pipeline.example_count(d.eval)} eval examples; "
       f"{trainer.steps_per_epoch} steps per epoch; padding {d.train.batcher.padding_fraction(0):.1%} "
       f"({'packed' if trainer.config.data.packing else 'length buckets'}{own})",

@@ -24,20 +24,20 @@ from bertjax.data.prefetch import Prefetch
 from bertjax.errors import UserError, first_line
 from bertjax.evaluate import Evaluator
 from bertjax.models import hf_weights
-from bertjax.models.config import from_hf_config, resolve_dtype
+from bertjax.models.config import from_hf_config, resolve_dtype, resolve_matmul_dtype
 from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, TrainState, make_train_step
 from bertjax.stop_signal import StopSignal
 
 
-_PEAK_FLOPS: list[float] = []  # the machine's matmul peak, measured once per process and shared by its runs
+_PEAK_FLOPS: dict[str, float] = {}  # the machine's matmul peak per operand dtype, measured once per process
 
 
-def _matmul_peak() -> float:
-  """The f32 matmul peak that MFU divides by (a sweep's trials, one process, measure it once)."""
-  if not _PEAK_FLOPS:
-    _PEAK_FLOPS.append(flops.measure_matmul_peak())
-  return _PEAK_FLOPS[0]
+def _matmul_peak(dtype: str) -> float:
+  """The matmul peak that MFU divides by, at the run's operand dtype (a sweep's trials share it)."""
+  if dtype not in _PEAK_FLOPS:
+    _PEAK_FLOPS[dtype] = flops.measure_matmul_peak(dtype=dtype)
+  return _PEAK_FLOPS[dtype]
 
 
 class WriteFailed(Exception):
@@ -94,6 +94,7 @@ class Trainer:
       raise UserError(f"train.global_batch_size={tc.global_batch_size} must be a multiple of "
                       f"train.grad_accum_steps={tc.grad_accum_steps}")
     self.dtype = resolve_dtype(config.model.dtype)
+    self.matmul_dtype = resolve_matmul_dtype(config.model.matmul_dtype, self.dtype)
     if config.data.task not in ("classification", "regression"):
       raise UserError(f"data.task must be classification or regression, got {config.data.task!r}")
     if not config.data.num_shards:  # one shard per process, recorded so a resume reads the same shards
@@ -110,10 +111,10 @@ class Trainer:
       self.loaded = like.loaded
     else:
       self.loaded = hf_weights.load(str(self.folder), num_labels=self.data.num_labels, dtype=self.dtype,
-                                    seed=tc.seed)
+                                    seed=tc.seed, matmul_dtype=self.matmul_dtype)
       for note in self.loaded.notes:
         log(f"model: {note}")
-    self.model_cfg = self.loaded.cfg
+    self.model_cfg = self.loaded.cfg.replace(dtype=self.dtype, matmul_dtype=self.matmul_dtype)  # `like` may differ
     self.model = SequenceClassifier(self.model_cfg)
     self.regression = self.data.task == "regression"
 
@@ -476,8 +477,8 @@ class Trainer:
   def _write_summary(self, member: Member, step, epochs_completed, stats, evaluator, train_step, done=False,
                      stopped_by=None) -> dict:
     """Writes the member's summary.json (not for a failed member, as a run that raised writes none)."""
-    compiled = self._compiled(train_step, evaluator)
-    summary = {**run_summary.make_summary(self, member, step, epochs_completed, stats, _matmul_peak(), compiled, done,
+    compiled, peak = self._compiled(train_step, evaluator), _matmul_peak(self.matmul_dtype)
+    summary = {**run_summary.make_summary(self, member, step, epochs_completed, stats, peak, compiled, done,
                                           stopped_by), **self._summary_extra(member)}
     if member.error:
       summary["error"] = member.error

@@ -27,8 +27,8 @@ def torch_logits(folder, ids, mask, types):
     return model(**kwargs).logits.numpy()
 
 
-def jax_logits(loaded, ids, mask, types, dtype="float32"):
-  cfg = loaded.cfg.replace(dtype=dtype)
+def jax_logits(loaded, ids, mask, types, dtype="float32", matmul_dtype=""):
+  cfg = loaded.cfg.replace(dtype=dtype, matmul_dtype=matmul_dtype)
   out = models.SequenceClassifier(cfg).apply({"params": loaded.params}, **to_bertjax(ids, mask, types))
   return np.asarray(out[:, 0, :])
 
@@ -49,8 +49,11 @@ def test_logits_match_pytorch(hf_tiny, family, pairs):
   assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
   got_bf16 = jax_logits(loaded, ids, mask, types, "bfloat16")
   bf16_diff = np.abs(got_bf16 - want).max()
-  print(f"{family} pairs={pairs}: f32 max|diff|={np.abs(got - want).max():.2e} bf16={bf16_diff:.2e}")
+  mixed_diff = np.abs(jax_logits(loaded, ids, mask, types, "float32", "bfloat16") - want).max()
+  print(f"{family} pairs={pairs}: f32 max|diff|={np.abs(got - want).max():.2e} bf16={bf16_diff:.2e} "
+        f"bf16 matmuls={mixed_diff:.2e}")
   assert bf16_diff < 0.1  # bf16 has ~3 significant digits; a wrong mapping is off by O(1)
+  assert 1e-6 < mixed_diff < 0.03  # the products' operands are rounded (so not exact), a wrong product is O(1)
 
 
 def test_albert_shares_layers(hf_tiny):
@@ -209,3 +212,33 @@ def test_every_param_is_mapped(hf_tiny):
     paths = {tuple(p.key for p in path) for path, _ in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
     mapped = {path for path, _ in tensor_map(loaded.cfg).values()}
     assert paths == mapped, paths ^ mapped
+
+
+@pytest.mark.parametrize("spec, a_shape, b_shape", [
+    ("...i,io->...o", (3, 5, 8), (8, 6)),  # a dense layer
+    ("bqnd,bknd->bnqk", (2, 5, 3, 4), (2, 7, 3, 4)),  # attention scores
+    ("bnqk,bknd->bqnd", (2, 3, 5, 7), (2, 7, 3, 4)),  # attention context
+])
+def test_bf16_operand_products_and_their_gradients(spec, a_shape, b_shape):
+  """The forward product and both gradients are float32 sums of bfloat16-rounded operands (the incoming
+  gradient rounded too); with float32 operands the custom gradient is exactly autodiff's."""
+  import jax.numpy as jnp
+  from bertjax.models.config import EncoderConfig
+  from bertjax.models.encoder import _cast_einsum, matmul
+  ka, kb, kg = jax.random.split(jax.random.key(0), 3)
+  a, b = jax.random.normal(ka, a_shape), jax.random.normal(kb, b_shape)
+  g = jax.random.normal(kg, jnp.einsum(spec, a, b).shape)
+  cfg = EncoderConfig("bert", 10, 8, 1, 2, 16, matmul_dtype="bfloat16")
+  out, vjp = jax.vjp(lambda x, y: matmul(cfg, spec, x, y), a, b)
+  grad_a, grad_b = vjp(g)
+  assert out.dtype == grad_a.dtype == grad_b.dtype == jnp.float32
+  r = lambda t: np.asarray(t.astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # rounded, summed exactly
+  want_a, want_b = jax.vjp(lambda x, y: jnp.einsum(spec, x, y), r(a), r(b))[1](r(g))
+  np.testing.assert_allclose(out, np.einsum(spec, r(a), r(b)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_a, want_a, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_b, want_b, rtol=1e-5, atol=1e-5)
+  exact_a, exact_b = jax.vjp(lambda x, y: jnp.einsum(spec, x, y), a, b)[1](g)
+  assert np.abs(grad_a - exact_a).max() > 1e-4  # the rounding is real: not a float32 product
+  custom = jax.vjp(lambda x, y: _cast_einsum(spec, x, y, jnp.float32, jnp.float32), a, b)[1](g)
+  np.testing.assert_allclose(custom[0], exact_a, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(custom[1], exact_b, rtol=1e-6, atol=1e-6)

@@ -73,12 +73,16 @@ def test_export_loads_in_torch_and_matches_predict(trained):
   for r in rows:
     assert r["label_id"] == int(np.argmax(r["logits"])) and r["label"] == str(r["label_id"])
     assert sum(r["probs"]) == pytest.approx(1.0)
-  # The workdir itself (orbax checkpoint, packed batches) predicts the same.
+  # The workdir itself (orbax checkpoint, packed batches) predicts the same at the same numerics. A Hugging
+  # Face folder predicts in float32; a workdir as its run computed (model.matmul_dtype=auto: bfloat16
+  # operands on a CPU with AMX-BF16), which moves the logits by about bfloat16's precision.
   model = load_model(workdir)
   examples, skipped = read_input(model.data, model.num_texts, str(root / "in.txt"))
   logits, stats = predict_logits(model, examples, batch_size=16)
-  np.testing.assert_allclose(logits, ours, atol=1e-5)
+  np.testing.assert_allclose(logits, ours, atol=3e-2)
   assert not skipped and stats["num_examples"] == len(texts) and stats["examples_per_sec"] > 0
+  model.model_cfg = model.model_cfg.replace(matmul_dtype="float32")
+  np.testing.assert_allclose(predict_logits(model, examples, batch_size=16)[0], ours, atol=1e-5)
 
 
 def test_plain_checkpoint_with_pairs(trained, tmp_path, monkeypatch):

@@ -54,7 +54,8 @@ def fast_trials(setup):
   jax.config.update("jax_compilation_cache_dir", str(setup[0] / "xla"))
   compilation_cache.reset_cache()
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(trainer, "_PEAK_FLOPS", [1e11])  # restored afterwards, so later tests measure
+    patch.setattr(trainer, "_PEAK_FLOPS", {"float32": 1e11, "bfloat16": 1e11})  # restored afterwards
+
     yield
   jax.config.update("jax_compilation_cache_dir", old)
   compilation_cache.reset_cache()

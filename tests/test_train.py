@@ -309,3 +309,35 @@ def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(tmp_path):
   config.model.dtype = "bfloat16"
   with pytest.raises(UserError, match="model.dtype='float32', not 'bfloat16'"):
     resume.check_resume_compatible(tmp_path, config)
+
+
+def test_auto_matmul_dtype_is_bfloat16_only_with_bf16_matrix_units(tmp_path, monkeypatch):
+  from bertjax.config_base import base_config
+  from bertjax.models import config as model_config
+  flags = "flags\t\t: fpu avx512f avx512_bf16 {}\n"
+  for extra, want in (("amx_bf16 amx_tile", True), ("amx_tile", False)):
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\n" + flags.format(extra))
+    assert model_config.cpu_has_bf16_matrix_units(str(tmp_path / "cpuinfo")) is want
+  assert model_config.cpu_has_bf16_matrix_units(str(tmp_path / "missing")) is False
+  assert base_config().model.matmul_dtype == "auto"
+  config = base_config()
+  saved = resume.config_snapshot(config)
+  saved["model"]["matmul_dtype"] = "bfloat16"
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  resolve = model_config.resolve_matmul_dtype
+  for amx in (True, False):
+    monkeypatch.setattr(model_config, "cpu_has_bf16_matrix_units", lambda amx=amx: amx)
+    assert resolve("auto", "float32", "cpu") == ("bfloat16" if amx else "float32")
+    assert resolve("auto", "bfloat16", "cpu") == resolve("auto", "bfloat16", "gpu") == "bfloat16"
+    assert resolve("auto", "float32", "gpu") == "float32" and resolve("float32", "float32", "cpu") == "float32"
+    # Resuming compares what `auto` resolves to: a run saved with bfloat16 products resumes under
+    # `auto` on a CPU with AMX-BF16 only.
+    if amx:
+      resume.check_resume_compatible(tmp_path, config)
+    else:
+      with pytest.raises(UserError, match="model.matmul_dtype='bfloat16', not 'auto'"):
+        resume.check_resume_compatible(tmp_path, config)
+  with pytest.raises(UserError, match="model.matmul_dtype=float32 needs model.dtype float32"):
+    resolve("float32", "bfloat16", "cpu")
+  with pytest.raises(UserError, match="model.matmul_dtype must be one of auto, float32, bfloat16, got 'int8'"):
+    resolve("int8", "float32", "cpu")

@@ -36,6 +36,7 @@ class EncoderConfig:
   pad_token_id: int = 0
   initializer_range: float = 0.02
   dtype: str = "float32"  # computation dtype; parameters stay float32
+  matmul_dtype: str = ""  # operand dtype of the dense layers' products, summed in float32; "" = dtype
 
   @property
   def emb_size(self) -> int:
@@ -122,8 +123,9 @@ DTYPES = ("auto", "float32", "bfloat16")
 
 
 def resolve_dtype(name: str, backend: str | None = None) -> str:
-  """The compute dtype for `model.dtype`: `auto` is float32 on CPU, where bf16 is slower (measured in
-  docs/performance.md), and bfloat16 on GPU/TPU, whose matrix units run bf16 at several times the f32 rate."""
+  """The compute dtype for `model.dtype`: `auto` is float32 on CPU, where bf16 activations are slower
+  (measured in docs/performance.md), and bfloat16 on GPU/TPU, whose matrix units run bf16 at several
+  times the f32 rate."""
   if name not in DTYPES:
     raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {name!r}")
   if name != "auto":
@@ -133,3 +135,29 @@ def resolve_dtype(name: str, backend: str | None = None) -> str:
     backend = jax.default_backend()
   return "float32" if backend == "cpu" else "bfloat16"
 
+
+def cpu_has_bf16_matrix_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
+  """True on x86 CPUs with AMX-BF16 tiles (Intel Sapphire Rapids and later), where XLA's bf16 products
+  with float32 sums ran 3.5-4.5x faster than float32 ones (docs/performance.md)."""
+  try:
+    with open(cpuinfo) as f:
+      return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+  except OSError:
+    return False
+
+
+def resolve_matmul_dtype(name: str, dtype: str, backend: str | None = None) -> str:
+  """The operand dtype of the matrix products for `model.matmul_dtype`, given the resolved compute dtype.
+
+  `auto` is the compute dtype, except float32 compute on a CPU with bf16 matrix units, where it is
+  bfloat16: products round their operands to bf16 and sum in float32 (a TPU's default precision)."""
+  if name not in DTYPES:
+    raise UserError(f"model.matmul_dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+  if name == "auto":
+    if backend is None:
+      import jax
+      backend = jax.default_backend()
+    name = "bfloat16" if dtype == "float32" and backend == "cpu" and cpu_has_bf16_matrix_units() else dtype
+  if name != dtype and dtype != "float32":
+    raise UserError(f"model.matmul_dtype={name} needs model.dtype float32 (or the same dtype), got {dtype}")
+  return name

@@ -45,10 +45,64 @@ def gather_tokens(x_BxLxH: jax.Array, index_BxS: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x_BxLxH, index_BxS[:, :, None], axis=1)
 
 
-def dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
-  """nn.Dense with the Hugging Face initialiser (normal, std initializer_range)."""
-  return nn.Dense(features, dtype=jnp.dtype(cfg.dtype), kernel_init=nn.initializers.normal(cfg.initializer_range),
-                  name=name)
+def _einsum_grad_specs(spec: str) -> tuple[str, str]:
+  """For "A,B->C", the einsums giving A's and B's gradients from C's: "C,B->A" and "A,C->B"."""
+  inputs, out = spec.split("->")
+  a, b = inputs.split(",")
+  return f"{out},{b}->{a}", f"{a},{out}->{b}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _cast_einsum(spec: str, a: jax.Array, b: jax.Array, operand_dtype, out_dtype) -> jax.Array:
+  """einsum of float32 a and b cast to operand_dtype, summed in float32; the backward products likewise."""
+  return _cast_einsum_fwd(spec, a, b, operand_dtype, out_dtype)[0]
+
+
+def _cast_einsum_fwd(spec, a, b, operand_dtype, out_dtype):
+  a_cast, b_cast = a.astype(operand_dtype), b.astype(operand_dtype)
+  return jnp.einsum(spec, a_cast, b_cast, preferred_element_type=out_dtype), (a_cast, b_cast)
+
+
+def _cast_einsum_bwd(spec, operand_dtype, out_dtype, residuals, g):
+  a_cast, b_cast = residuals
+  spec_a, spec_b = _einsum_grad_specs(spec)
+  g_cast = g.astype(operand_dtype)  # so the backward products run at the operand dtype's rate too
+  return (jnp.einsum(spec_a, g_cast, b_cast, preferred_element_type=jnp.float32),
+          jnp.einsum(spec_b, a_cast, g_cast, preferred_element_type=jnp.float32))
+
+
+_cast_einsum.defvjp(_cast_einsum_fwd, _cast_einsum_bwd)
+
+
+def matmul(cfg: EncoderConfig, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """einsum(spec, a, b) of two cfg.dtype arrays with operands in cfg.matmul_dtype, returned in cfg.dtype.
+
+  When cfg.matmul_dtype is bfloat16 and cfg.dtype float32 (`model.matmul_dtype=auto` on a CPU with
+  AMX-BF16), the forward product and both backward ones round their operands to bfloat16 (the incoming
+  gradient too) and sum in float32, as a TPU's default precision does. Otherwise a plain einsum."""
+  out_dtype = jnp.dtype(cfg.dtype)
+  if cfg.matmul_dtype in ("", cfg.dtype):
+    return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+  return _cast_einsum(spec, a, b, jnp.dtype(cfg.matmul_dtype), out_dtype)
+
+
+class Dense(nn.Module):
+  """nn.Dense's parameters (kernel [in, out], bias) and Hugging Face's initialiser, through `matmul`."""
+
+  cfg: EncoderConfig
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    kernel = self.param("kernel", nn.initializers.normal(cfg.initializer_range), (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    dtype = jnp.dtype(cfg.dtype)
+    return matmul(cfg, "...i,io->...o", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+
+
+def dense(cfg: EncoderConfig, features: int, name: str) -> Dense:
+  return Dense(cfg, features, name=name)
 
 
 def layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
