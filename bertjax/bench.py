@@ -11,9 +11,14 @@ loop on exactly the same examples with dynamic padding, then with length groupin
 which side goes first); the report takes the median block. bertjax's steps decide the examples (with
 packing, `global_batch_size` examples per step on average); torch batches them `global_batch_size`
 at a time in the same order. Eval runs the whole eval split through bertjax's jitted Evaluator and
-through torch no_grad inference with dynamic padding, once per round. MFU uses `bertjax.flops` and
-a matmul peak measured by the bertjax worker in the same run. `--profile` adds where a bertjax step's
-time goes (step variants timed on one fixed batch).
+through torch no_grad inference with dynamic padding, once per round.
+
+When bertjax's products take bfloat16 operands (`model.matmul_dtype`, `auto` on a CPU with AMX-BF16),
+torch runs twice per block, in float32 and under torch.autocast(bfloat16) (the Trainer's bf16=True),
+each with its own model and optimizer, and each ratio is against torch's faster precision
+(`--peer_dtypes` chooses). MFU uses `bertjax.flops` and the float32 matmul peak measured by the
+bertjax worker in the same run; `mfu_own_dtype` divides by the peak of each side's operand dtype.
+`--profile` adds where a bertjax step's time goes (step variants timed on one fixed batch).
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ flags.DEFINE_bool("profile", False, "Also time variants of the bertjax step on o
 flags.DEFINE_string("workdir", None, "Token cache and plan files (default: a temporary directory).")
 flags.DEFINE_bool("peer_keep_freed_memory", False,
                   "Give the peer's process the malloc setting bertjax's worker uses (bertjax.host_memory).")
+flags.DEFINE_list("peer_dtypes", None,
+                  "torch precisions to run: float32 and/or bfloat16 (torch.autocast, as the Trainer's bf16=True). "
+                  "Default: float32, and also bfloat16 when bertjax's matmuls are bfloat16 (model.matmul_dtype).")
 flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run as a worker process.")
 FLAGS = flags.FLAGS
 
@@ -112,8 +120,9 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   ids_at = lambda pos: [i for e, s in pos for i in batcher.plan(e)[s]]
   blocks = [positions[FLAGS.warmup + r * FLAGS.steps:FLAGS.warmup + (r + 1) * FLAGS.steps]
             for r in range(FLAGS.repeats)]
+  peer_dtypes = FLAGS.peer_dtypes or ["float32"] + (["bfloat16"] if tr.matmul_dtype == "bfloat16" else [])
   plan = {"warmup": ids_at(positions[:FLAGS.warmup]), "blocks": [ids_at(b) for b in blocks],
-          "total_steps": tr.total_steps}  # the torch schedule's length
+          "total_steps": tr.total_steps, "peer_dtypes": peer_dtypes}  # the torch schedule's length
   (workdir / "plan.json").write_text(json.dumps(plan))
 
   def run(pos):
@@ -134,7 +143,8 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   eval_split = tr.data.eval if FLAGS.eval else None
   if eval_split is not None:
     evaluator.logits(state.params, eval_split.batcher, len(eval_split.labels))  # compiles
-  peak = flops.measure_matmul_peak()
+  peaks = lambda: {dtype: flops.measure_matmul_peak(dtype=dtype) for dtype in ("float32", "bfloat16")}
+  peak = peaks()
 
   def train(block: int) -> dict:
     seconds, loss = run(blocks[block])
@@ -157,6 +167,7 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
     return profile_step(tr, state, batch)
 
   _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "matmul_peak_flops": peak,
+          "dtype": tr.dtype, "matmul_dtype": tr.matmul_dtype, "peer_dtypes": peer_dtypes,
           "rows_per_step": batcher.rows_per_step, "max_length": batcher.max_length, "packing": batcher.packing,
           "padding_fraction_epoch0": batcher.padding_fraction(0),
           "steps_per_epoch": batcher.steps_per_epoch(), "num_train_examples": len(batcher.lengths),
@@ -165,8 +176,7 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
           "model": {"layers": tr.model_cfg.num_layers, "hidden": tr.model_cfg.hidden_size,
                     "heads": tr.model_cfg.num_heads, "intermediate": tr.model_cfg.intermediate_size},
           "devices": jax.device_count(), "jax": jax.__version__})
-  _serve({"train": train, "eval": evaluate, "profile": profile,
-          "peak": lambda: {"matmul_peak_flops": flops.measure_matmul_peak()}})
+  _serve({"train": train, "eval": evaluate, "profile": profile, "peak": lambda: {"matmul_peak_flops": peaks()}})
 
 
 def profile_step(tr, state, batch, reps: int = 20) -> dict:
@@ -197,10 +207,11 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
   ms = out["ms"]
   ms["train_step"] = timed(train(tr.model), state, batch)
   ms["train_step_no_dropout"] = timed(train(quiet), state, batch)
-  # bf16 compute (f32 params) against f32 on this machine: what `model.dtype=auto` decides per backend.
-  other = "bfloat16" if cfg.dtype == "float32" else "float32"
-  ms[f"train_step_{other}"] = timed(train(SequenceClassifier(cfg.replace(dtype=other))), state, batch)
-  ms[f"train_step_{cfg.dtype}_again"] = timed(train(tr.model), state, batch)  # drift check
+  # Each (compute dtype, matmul operand dtype) on this machine: what model.dtype / matmul_dtype=auto decide.
+  for dtype, matmul_dtype in (("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")):
+    variant = SequenceClassifier(cfg.replace(dtype=dtype, matmul_dtype=matmul_dtype))
+    ms[f"train_step_{dtype}_matmul_{matmul_dtype}"] = timed(train(variant), state, batch)
+  ms["train_step_again"] = timed(train(tr.model), state, batch)  # drift check
   ms["forward_backward"] = timed(grad(tr.model, key), state.params)
   ms["forward_backward_no_dropout"] = timed(grad(quiet, None), state.params)
   ms["forward_train_mode"] = timed(jax.jit(lambda p: _sums(tr.model, p, batch, reg, key)[0]), state.params)
@@ -246,23 +257,26 @@ def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   plan = json.loads((workdir / "plan.json").read_text())
   train_tok, train_labels = data.train.batcher.tokenized, data.train.labels
   lengths = train_tok.lengths
-  peer = TorchPeer(folder, data.num_labels, config.optimizer, plan["total_steps"], seed=tc.seed)
-  if plan["warmup"]:
-    peer.train(train_tok, train_labels, in_order(plan["warmup"], tc.global_batch_size))
   eval_split = data.eval if FLAGS.eval else None
-  if eval_split is not None:
-    peer.evaluate(eval_split.batcher.tokenized, eval_batch)
+  peers = {}
+  for dtype in plan["peer_dtypes"]:  # each its own model and optimizer, trained on the same blocks
+    peers[dtype] = TorchPeer(folder, data.num_labels, config.optimizer, plan["total_steps"], seed=tc.seed,
+                             bf16=dtype == "bfloat16")
+    if plan["warmup"]:
+      peers[dtype].train(train_tok, train_labels, in_order(plan["warmup"], tc.global_batch_size))
+    if eval_split is not None:
+      peers[dtype].evaluate(eval_split.batcher.tokenized, eval_batch)
 
-  def train(block: int, grouped: bool) -> dict:
+  def train(block: int, grouped: bool, dtype: str) -> dict:
     ids = plan["blocks"][block]
     batches = (length_grouped(ids, lengths, tc.global_batch_size) if grouped
                else in_order(ids, tc.global_batch_size))
-    out = peer.train(train_tok, train_labels, batches)
+    out = peers[dtype].train(train_tok, train_labels, batches)
     return {**out, "examples": len(ids), "tokens": int(lengths[ids].sum()),
             "ids": _ids_digest(i for b in batches for i in b)}
 
-  def evaluate() -> dict:
-    return peer.evaluate(eval_split.batcher.tokenized, eval_batch)
+  def evaluate(dtype: str) -> dict:
+    return peers[dtype].evaluate(eval_split.batcher.tokenized, eval_batch)
 
   _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "torch": torch.__version__,
           "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()})
@@ -306,15 +320,17 @@ class Worker:
       self.proc.wait(timeout=60)
 
 
-def _summary(blocks: list[dict], peak: float | None = None) -> dict:
-  """Medians over blocks of examples/s and tokens/s, the padding share, and MFU if FLOPs are known."""
+def _eval_name(dtype: str) -> str:
+  return "torch" if dtype == "float32" else "torch_bf16"
+
+
+def _summary(blocks: list[dict]) -> dict:
+  """Medians over blocks of examples/s and tokens/s, and the padding share."""
   median = lambda key: statistics.median(b[key] / b["seconds"] for b in blocks)
   out = {"train_examples_per_sec": median("examples"), "train_tokens_per_sec": median("tokens"),
          "padding_fraction": 1.0 - sum(b["tokens"] for b in blocks) / sum(b["slots"] for b in blocks),
          "block_seconds": [b["seconds"] for b in blocks],
          "steps_per_block": blocks[0]["steps"], "examples_per_block": [b["examples"] for b in blocks]}
-  if peak and "flops" in blocks[0]:
-    out["mfu"] = median("flops") / peak
   return out
 
 
@@ -326,28 +342,39 @@ def drive(config, workdir: Path) -> dict:
   th = None
   try:
     th = Worker("torch", workdir)
-    runs = {"bertjax": [], "torch_dynamic": [], "torch_grouped": []}
-    evals = {"bertjax": [], "torch": []}
+    peer_dtypes = jx.ready["peer_dtypes"]
+    # (name, grouped, dtype) of each torch variant; float32 keeps the names it always had
+    peers = [(f"torch_{mode}{'' if dtype == 'float32' else '_bf16'}", mode == "grouped", dtype)
+             for dtype in peer_dtypes for mode in ("dynamic", "grouped")]
+    runs = {"bertjax": [], **{name: [] for name, _, _ in peers}}
+    evals = {"bertjax": [], **{_eval_name(dtype): [] for dtype in peer_dtypes}}
     for r in range(FLAGS.repeats):
-      order = ["jax", "torch", "grouped"] if r % 2 == 0 else ["grouped", "torch", "jax"]
-      for who in order:
-        name = {"jax": "bertjax", "torch": "torch_dynamic", "grouped": "torch_grouped"}[who]
-        w, args = (jx, {}) if who == "jax" else (th, {"grouped": who == "grouped"})
-        runs[name].append(w.call("train", block=r, **args))
+      order = ["bertjax", *[p[0] for p in peers]]
+      for name in order if r % 2 == 0 else order[::-1]:
+        if name == "bertjax":
+          runs[name].append(jx.call("train", block=r))
+        else:
+          _, grouped, dtype = next(p for p in peers if p[0] == name)
+          runs[name].append(th.call("train", block=r, grouped=grouped, dtype=dtype))
         b = runs[name][-1]
         print(f"round {r + 1}/{FLAGS.repeats} {name}: {b['examples'] / b['seconds']:.1f} examples/s "
               f"({b['seconds']:.1f}s, load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
       if FLAGS.eval:
-        for name, w in ((("bertjax", jx), ("torch", th)) if r % 2 == 0 else (("torch", th), ("bertjax", jx))):
-          evals[name].append(w.call("eval"))
-    peak = max(jx.ready["matmul_peak_flops"], jx.call("peak")["matmul_peak_flops"])
+        order = ["bertjax", *peer_dtypes]
+        for who in order if r % 2 == 0 else order[::-1]:
+          if who == "bertjax":
+            evals[who].append(jx.call("eval"))
+          else:
+            evals[_eval_name(who)].append(th.call("eval", dtype=who))
+    again = jx.call("peak")["matmul_peak_flops"]
+    peaks = {dtype: max(flops, again[dtype]) for dtype, flops in jx.ready["matmul_peak_flops"].items()}
     profile = jx.call("profile") if FLAGS.profile else None
   finally:
     jx.close()
     if th is not None:
       th.close()
-  same = all(a["ids"] == b["ids"] == c["ids"] for a, b, c in
-             zip(runs["bertjax"], runs["torch_dynamic"], runs["torch_grouped"]))
+  digests = [[b["ids"] for b in blocks] for blocks in runs.values()]
+  peak = peaks["float32"]
   result = {
       "command": " ".join(["python -m bertjax.bench", *sys.argv[1:]]),
       "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),
@@ -363,28 +390,45 @@ def drive(config, workdir: Path) -> dict:
                 "train": config.data.train, "eval": config.data.eval if FLAGS.eval else None,
                 "max_length": config.data.max_length, "global_batch_size": config.train.global_batch_size,
                 "packing": config.data.packing, "rows_per_step": jx.ready["rows_per_step"],
+                "dtype": jx.ready["dtype"], "matmul_dtype": jx.ready["matmul_dtype"], "peer_dtypes": peer_dtypes,
                 "steps_per_block": FLAGS.steps, "warmup_steps": FLAGS.warmup, "repeats": FLAGS.repeats,
                 "train_padding_fraction_epoch0": jx.ready["padding_fraction_epoch0"],
                 "mean_train_length": jx.ready["mean_train_length"]},
+      # MFU divides by the float32 peak (the issue's definition) and, as mfu_own_dtype, by the peak of the
+      # operand dtype bertjax's products use; both measured in this run (best of two measurements).
       "matmul_peak_flops": peak,
-      "same_examples": same,
-      "bertjax": _summary(runs["bertjax"], peak),
-      "torch_dynamic": _summary(runs["torch_dynamic"]),
-      "torch_grouped": _summary(runs["torch_grouped"]),
+      "matmul_peak_flops_by_dtype": peaks,
+      "same_examples": all(d == digests[0] for d in digests),
+      **{name: _summary(blocks) for name, blocks in runs.items()},
       "blocks": runs,
   }
   flops_per_example = statistics.median(b["flops"] / b["examples"] for b in runs["bertjax"])
-  for name in ("torch_dynamic", "torch_grouped"):  # same examples, same model FLOPs
-    result[name]["mfu"] = result[name]["train_examples_per_sec"] * flops_per_example / peak
+  own_dtype = {"bertjax": jx.ready["matmul_dtype"], **{name: dtype for name, _, dtype in peers}}
+  for name in runs:  # same examples, same model FLOPs
+    eps = result[name]["train_examples_per_sec"]
+    result[name]["mfu"] = eps * flops_per_example / peak
+    result[name]["mfu_own_dtype"] = eps * flops_per_example / peaks[own_dtype[name]]
   jax_eps = result["bertjax"]["train_examples_per_sec"]
-  result["ratios"] = {"train_vs_torch_dynamic": jax_eps / result["torch_dynamic"]["train_examples_per_sec"],
-                      "train_vs_torch_grouped": jax_eps / result["torch_grouped"]["train_examples_per_sec"]}
+  fastest = lambda mode: max((n for n, _, _ in peers if mode in n), key=lambda n: result[n]["train_examples_per_sec"])
+  # The headline ratios are against torch's faster precision (named in *_peer); ratios_by_peer has each.
+  result["ratios"], result["ratios_by_peer"] = {}, {"train": {}, "eval": {}}
+  for mode in ("dynamic", "grouped"):
+    result["ratios"][f"train_vs_torch_{mode}"] = jax_eps / result[fastest(mode)]["train_examples_per_sec"]
+    result["ratios"][f"train_vs_torch_{mode}_peer"] = fastest(mode)
+  for name, _, _ in peers:
+    result["ratios_by_peer"]["train"][name] = jax_eps / result[name]["train_examples_per_sec"]
   if FLAGS.eval:
-    for name, key in (("bertjax", "bertjax"), ("torch", "torch_dynamic")):
-      result[key]["eval_examples_per_sec"] = statistics.median(e["examples"] / e["seconds"] for e in evals[name])
+    rates = {name: statistics.median(e["examples"] / e["seconds"] for e in es) for name, es in evals.items()}
+    result["bertjax"]["eval_examples_per_sec"] = rates["bertjax"]
     result["bertjax"]["eval_padding_fraction"] = jx.ready["eval_padding_fraction"]
-    result["ratios"]["eval_vs_torch"] = (result["bertjax"]["eval_examples_per_sec"]
-                                         / result["torch_dynamic"]["eval_examples_per_sec"])
+    for dtype in peer_dtypes:
+      result[_eval_name(dtype).replace("torch", "torch_dynamic")]["eval_examples_per_sec"] = rates[_eval_name(dtype)]
+    best = max((n for n in rates if n != "bertjax"), key=rates.get)
+    result["ratios"]["eval_vs_torch"] = rates["bertjax"] / rates[best]
+    result["ratios"]["eval_vs_torch_peer"] = best
+    for name in rates:
+      if name != "bertjax":
+        result["ratios_by_peer"]["eval"][name] = rates["bertjax"] / rates[name]
     result["evals"] = evals
   if profile is not None:
     result["profile"] = profile
@@ -392,15 +436,19 @@ def drive(config, workdir: Path) -> dict:
 
 
 def _print_table(r: dict) -> None:
-  rows = [("bertjax", r["bertjax"]), ("torch dynamic padding", r["torch_dynamic"]),
-          ("torch group_by_length", r["torch_grouped"])]
-  print(f"{'':24s} {'train ex/s':>10s} {'tokens/s':>9s} {'padding':>8s} {'MFU':>6s} {'eval ex/s':>10s}")
-  for name, s in rows:
+  print(f"{'':24s} {'train ex/s':>10s} {'tokens/s':>9s} {'padding':>8s} {'MFU f32':>8s} {'MFU own':>8s} "
+        f"{'eval ex/s':>10s}")
+  for name in r["blocks"]:
+    s = r[name]
     ev = s.get("eval_examples_per_sec")
     print(f"{name:24s} {s['train_examples_per_sec']:10.1f} {s['train_tokens_per_sec']:9.0f} "
-          f"{s['padding_fraction']:8.1%} {s['mfu']:6.1%} {'' if ev is None else f'{ev:10.1f}'}")
-  print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items())
-        + f"; same examples on both sides: {r['same_examples']}")
+          f"{s['padding_fraction']:8.1%} {s['mfu']:8.1%} {s['mfu_own_dtype']:8.1%} "
+          f"{'' if ev is None else f'{ev:10.1f}'}")
+  print("ratios: " + ", ".join(f"{k} {v:.2f}x" if isinstance(v, float) else f"{k} {v}" for k, v in r["ratios"].items())
+        + f"; same examples on all sides: {r['same_examples']}")
+  for kind, ratios in r["ratios_by_peer"].items():
+    if ratios:
+      print(f"{kind} against each: " + ", ".join(f"{name} {v:.2f}x" for name, v in ratios.items()))
 
 
 @exit_on_user_error
@@ -410,6 +458,8 @@ def main(argv):
   config = _CONFIG.value
   if FLAGS.steps < 1 or FLAGS.repeats < 1 or FLAGS.warmup < 0:
     raise UserError("--steps and --repeats must be >= 1 and --warmup >= 0")
+  if FLAGS.peer_dtypes is not None and (not FLAGS.peer_dtypes or set(FLAGS.peer_dtypes) - {"float32", "bfloat16"}):
+    raise UserError(f"--peer_dtypes takes float32 and/or bfloat16, got {','.join(FLAGS.peer_dtypes)!r}")
   if FLAGS.worker is not None:
     # Before jax or torch starts its threads.
     kept = keep_freed_memory() if FLAGS.worker == "jax" or FLAGS.peer_keep_freed_memory else False

@@ -5,7 +5,8 @@ from the same folder, torch AdamW with the same hyper-parameters (no decay on bi
 weights, linear warmup then linear decay, grad-norm clipping), per-batch dynamic padding (what
 DataCollatorWithPadding does) or `group_by_length` batches (transformers' LengthGroupedSampler:
 megabatches of 50 batches sorted by length, longest batch first). torch keeps its own thread
-settings. This is the only bertjax module that imports torch.
+settings. With `bf16=True` its forward runs under torch.autocast(bfloat16) (the Trainer's `bf16=True`
+on CPU). This is the only bertjax module that imports torch.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def in_order(ids: list[int], batch_size: int) -> list[list[int]]:
 class TorchPeer:
   """Model, optimizer and schedule; `train` and `evaluate` run timed blocks on given examples."""
 
-  def __init__(self, folder: Path, num_labels: int, optimizer_cfg, total_steps: int, seed: int = 0):
+  def __init__(self, folder: Path, num_labels: int, optimizer_cfg, total_steps: int, seed: int = 0,
+               bf16: bool = False):
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
     oc = optimizer_cfg
     if oc.name != "adamw" or oc.schedule != "linear" or oc.layerwise_lr_decay != 1.0 or oc.lr_scaling != "none":
@@ -57,6 +59,10 @@ class TorchPeer:
     self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(oc.warmup_fraction * total_steps),
                                                      total_steps)
     self.clip_norm = oc.clip_norm
+    self.bf16 = bf16  # forward under torch.autocast(bfloat16), as the Hugging Face Trainer's bf16=True
+
+  def autocast(self):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
 
   @staticmethod
   def collate(tokenized: Tokenized, labels: np.ndarray | None, batch: list[int]) -> dict:
@@ -82,7 +88,8 @@ class TorchPeer:
     for batch in batches:
       inputs = self.collate(tokenized, labels, batch)
       slots += inputs["input_ids"].numel()
-      loss = self.model(**inputs).loss
+      with self.autocast():
+        loss = self.model(**inputs).loss
       loss.backward()
       if self.clip_norm:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
@@ -100,9 +107,9 @@ class TorchPeer:
     n = len(tokenized)
     out = []
     t = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), self.autocast():
       for batch in in_order(list(range(n)), batch_size):
-        out.append(self.model(**self.collate(tokenized, None, batch)).logits.numpy())
+        out.append(self.model(**self.collate(tokenized, None, batch)).logits.float().numpy())
     seconds = time.perf_counter() - t
     self.model.train()
     return {"seconds": seconds, "examples": n, "logits_shape": list(np.concatenate(out).shape)}

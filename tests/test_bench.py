@@ -20,25 +20,42 @@ def test_bench_smoke(tmp_path):
   cmd = [sys.executable, "-m", "bertjax.bench", f"--config={REPO}/configs/minilm_sst2.py",
          f"--config.model.name_or_path={model}", f"--config.data.train={dev}", f"--config.data.eval={dev}",
          "--config.data.max_length=64", "--config.train.global_batch_size=16", "--peer=torch",
-         f"--json={out}", "--steps=3", "--warmup=1", "--repeats=2", "--profile"]
+         f"--json={out}", "--steps=3", "--warmup=1", "--repeats=2", "--profile",
+         "--peer_dtypes=float32,bfloat16"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(out.read_text())
   assert r["same_examples"] is True
   assert r["machine"]["keeps_freed_memory"] == {"bertjax": True, "torch": False}  # the peer runs as users run it
   # Each round: 3 bertjax steps; torch ran the same examples, 16 at a time.
-  for a, b, c in zip(r["blocks"]["bertjax"], r["blocks"]["torch_dynamic"], r["blocks"]["torch_grouped"]):
-    assert a["ids"] == b["ids"] == c["ids"] and a["examples"] == b["examples"] == c["examples"] > 16
-    assert a["steps"] == 3 and b["steps"] == c["steps"] == -(-a["examples"] // 16)
-    assert a["tokens"] == b["tokens"] == c["tokens"]
+  torch_runs = ["torch_dynamic", "torch_grouped", "torch_dynamic_bf16", "torch_grouped_bf16"]
+  assert list(r["blocks"]) == ["bertjax", *torch_runs] and r["setup"]["peer_dtypes"] == ["float32", "bfloat16"]
+  for a, *peers in zip(*(r["blocks"][name] for name in ["bertjax", *torch_runs])):
+    for b in peers:
+      assert a["ids"] == b["ids"] and a["examples"] == b["examples"] > 16 and a["tokens"] == b["tokens"]
+      assert a["steps"] == 3 and b["steps"] == -(-a["examples"] // 16)
   assert len(r["blocks"]["bertjax"]) == 2 and r["blocks"]["bertjax"][0]["ids"] != r["blocks"]["bertjax"][1]["ids"]
-  for side in ("bertjax", "torch_dynamic", "torch_grouped"):
+  for side in ("bertjax", *torch_runs):
     s = r[side]
     assert s["train_examples_per_sec"] > 0 and s["train_tokens_per_sec"] > s["train_examples_per_sec"]
-    assert 0 <= s["padding_fraction"] < 1 and 0 < s["mfu"] < 1
+    assert 0 <= s["padding_fraction"] < 1 and 0 < s["mfu_own_dtype"] < 1
+    own = r["setup"]["matmul_dtype"] if side == "bertjax" else "bfloat16" if side.endswith("bf16") else "float32"
+    assert s["mfu"] / s["mfu_own_dtype"] == pytest.approx(r["matmul_peak_flops_by_dtype"][own] / r["matmul_peak_flops"])
   assert r["bertjax"]["padding_fraction"] < r["torch_dynamic"]["padding_fraction"]
-  assert r["bertjax"]["eval_examples_per_sec"] > 0 and r["torch_dynamic"]["eval_examples_per_sec"] > 0
-  assert set(r["ratios"]) == {"train_vs_torch_dynamic", "train_vs_torch_grouped", "eval_vs_torch"}
+  for side in ("bertjax", "torch_dynamic", "torch_dynamic_bf16"):
+    assert r[side]["eval_examples_per_sec"] > 0
+  # Each headline ratio is against torch's faster precision, named in the *_peer entry.
+  ratios, each = r["ratios"], r["ratios_by_peer"]
+  assert set(each["train"]) == set(torch_runs) and set(each["eval"]) == {"torch", "torch_bf16"}
+  for mode in ("dynamic", "grouped"):
+    peer = ratios[f"train_vs_torch_{mode}_peer"]
+    assert peer in (f"torch_{mode}", f"torch_{mode}_bf16")
+    assert ratios[f"train_vs_torch_{mode}"] == each["train"][peer] == min(
+        each["train"][f"torch_{mode}"], each["train"][f"torch_{mode}_bf16"])
+    assert each["train"][peer] == pytest.approx(r["bertjax"]["train_examples_per_sec"]
+                                                / r[peer]["train_examples_per_sec"])
+  assert ratios["eval_vs_torch"] == min(each["eval"].values())
   assert r["matmul_peak_flops"] > 1e9 and r["setup"]["global_batch_size"] == 16
   assert r["profile"]["ms"]["train_step"] > 0 and r["profile"]["model_train_flops"] > 0
-  assert r["profile"]["ms"]["train_step_bfloat16"] > 0  # the f32 vs bf16 comparison behind model.dtype=auto
+  for variant in ("float32_matmul_float32", "float32_matmul_bfloat16", "bfloat16_matmul_bfloat16"):
+    assert r["profile"]["ms"][f"train_step_{variant}"] > 0  # what model.dtype / matmul_dtype=auto decide
