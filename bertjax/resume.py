@@ -7,17 +7,12 @@ import ml_collections
 
 from bertjax.config_base import base_config
 from bertjax.errors import UserError
-from bertjax.models.config import resolve_dtype, resolve_matmul_dtype
+from bertjax.models.config import resolve_dtypes
 
 
 def config_snapshot(config: ml_collections.ConfigDict) -> dict:
   """The config as the workdir's config.json holds it."""
   return json.loads(config.to_json_best_effort())
-
-
-def _resolved_dtypes(model: dict) -> tuple[str, str]:
-  dtype = resolve_dtype(model.get("dtype", "float32"))
-  return dtype, resolve_matmul_dtype(model.get("matmul_dtype", "auto"), dtype)
 
 
 def check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) -> None:
@@ -33,7 +28,7 @@ def check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) ->
       if key not in saved.get(group, {}) and now[group].get(key) == defaults[group].get(key):
         continue  # a key added after the run started, left at its default
       if group == "model" and key in ("dtype", "matmul_dtype") and \
-          _resolved_dtypes(saved.get("model", {})) == _resolved_dtypes(now["model"]):
+          resolve_dtypes(saved.get("model", {})) == resolve_dtypes(now["model"]):
         continue  # `auto` is what this backend resolves it to
       if saved.get(group, {}).get(key) != now.get(group, {}).get(key):
         raise UserError(f"{saved_path}: this workdir was trained with {group}.{key}="

@@ -24,7 +24,7 @@ from bertjax.data.prefetch import Prefetch
 from bertjax.errors import UserError, first_line
 from bertjax.evaluate import Evaluator
 from bertjax.models import hf_weights
-from bertjax.models.config import from_hf_config, resolve_dtype, resolve_matmul_dtype
+from bertjax.models.config import from_hf_config, resolve_dtypes
 from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, TrainState, make_train_step
 from bertjax.stop_signal import StopSignal
@@ -93,8 +93,7 @@ class Trainer:
     if tc.grad_accum_steps < 1 or tc.global_batch_size % tc.grad_accum_steps:
       raise UserError(f"train.global_batch_size={tc.global_batch_size} must be a multiple of "
                       f"train.grad_accum_steps={tc.grad_accum_steps}")
-    self.dtype = resolve_dtype(config.model.dtype)
-    self.matmul_dtype = resolve_matmul_dtype(config.model.matmul_dtype, self.dtype)
+    self.dtype, self.matmul_dtype = resolve_dtypes(config.model)
     if config.data.task not in ("classification", "regression"):
       raise UserError(f"data.task must be classification or regression, got {config.data.task!r}")
     if not config.data.num_shards:  # one shard per process, recorded so a resume reads the same shards
@@ -111,7 +110,7 @@ class Trainer:
       self.loaded = like.loaded
     else:
       self.loaded = hf_weights.load(str(self.folder), num_labels=self.data.num_labels, dtype=self.dtype,
-                                    seed=tc.seed, matmul_dtype=self.matmul_dtype)
+                                    seed=tc.seed)
       for note in self.loaded.notes:
         log(f"model: {note}")
     self.model_cfg = self.loaded.cfg.replace(dtype=self.dtype, matmul_dtype=self.matmul_dtype)  # `like` may differ

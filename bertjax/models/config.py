@@ -161,3 +161,10 @@ def resolve_matmul_dtype(name: str, dtype: str, backend: str | None = None) -> s
   if name != dtype and dtype != "float32":
     raise UserError(f"model.matmul_dtype={name} needs model.dtype float32 (or the same dtype), got {dtype}")
   return name
+
+
+def resolve_dtypes(model) -> tuple[str, str]:
+  """(compute dtype, matmul operand dtype) of a `model` config group (a ConfigDict or a saved dict; a run
+  saved before a key existed had float32 compute and the matmul default)."""
+  dtype = resolve_dtype(model.get("dtype", "float32"))
+  return dtype, resolve_matmul_dtype(model.get("matmul_dtype", "auto"), dtype)

@@ -185,12 +185,11 @@ def init_params(cfg: EncoderConfig, seed: int = 0) -> dict:
   return jax.tree.map(np.asarray, dict(variables["params"]))
 
 
-def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32", seed: int = 0,
-         matmul_dtype: str = "") -> Loaded:
+def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32", seed: int = 0) -> Loaded:
   """Reads a checkpoint into (EncoderConfig, params). A head absent from it is initialised and noted."""
   folder = resolve_folder(name_or_path)
   hf_config = read_hf_config(folder)
-  cfg = from_hf_config(hf_config, source=str(folder / "config.json")).replace(dtype=dtype, matmul_dtype=matmul_dtype)
+  cfg = from_hf_config(hf_config, source=str(folder / "config.json")).replace(dtype=dtype)
   tensors, source = read_tensors(folder)
   known = tensor_map(cfg)
   tensors = {_canonical(k, cfg.family, known): v for k, v in tensors.items()}
