@@ -14,7 +14,9 @@ steps are deleted only after the new step is finalised, so a failed save never c
 an earlier checkpoint.
 
 All processes must call `save`/`restore`/`wait`/`close` (orbax synchronises them and
-its primary host writes the JSON files); `is_primary` only decides who logs.
+its primary host writes the JSON files); `is_primary` only decides who logs. Orbax names
+its barriers after the step, so two managers saving the same step at once (a trial
+group's members) need distinct `sync_name`s, equal on every process.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class Checkpoints:
   """Saves, lists, prunes and restores the checkpoints of one training run."""
 
   def __init__(self, directory: str, keep_best: bool = True,
-               async_save: bool = True, *, is_primary: bool):
+               async_save: bool = True, *, is_primary: bool, sync_name: str = "checkpoints"):
     self._is_primary = is_primary
     directory = os.path.abspath(directory)  # orbax refuses relative paths at save time
     policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=1)]
@@ -94,6 +96,10 @@ class Checkpoints:
         # awaits it before this run's first save).
         cleanup_tmp_directories=True,
         create=True,
+        # Prefixes the names of orbax's cross-process barriers ("_async_write_complete.<step>"):
+        # without it, concurrent saves of one step by two managers collide ("already ongoing").
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=sync_name),
     )
     self._manager = ocp.CheckpointManager(
         directory, options=options, item_names=(_STATE, _META))

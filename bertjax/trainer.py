@@ -261,7 +261,7 @@ class Trainer:
     members = self.members = self._members()
     for m in members:
       m.checkpoints = ckpt_lib.Checkpoints(str(m.run.workdir / "checkpoints"), keep_best=True, async_save=True,
-                                           is_primary=self.is_primary)
+                                           is_primary=self.is_primary, sync_name=f"member{m.index}")
     loop = {"epoch": 0, "step_in_epoch": 0, "stats": {}}
     resumed = self._resume(abstract)
     if resumed is not None:

@@ -179,7 +179,7 @@ class TrialGroup(Trainer):
 
   def _resume(self, abstract):
     self.group_ckpt = ckpt_lib.Checkpoints(str(self.group_dir / "checkpoints"), keep_best=False, async_save=False,
-                                           is_primary=self.is_primary)
+                                           is_primary=self.is_primary, sync_name="group")
     latest = self.group_ckpt.latest_step()
     if latest is None:
       if self.is_primary:

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from bertjax.checkpoint import Checkpoints
 from bertjax.workdir import load_run
 from conftest import demo_setup
 from test_train import REPO
@@ -189,14 +190,30 @@ def test_a_bad_row_in_one_shard_stops_both_processes_with_one_line(setup, tmp_pa
   assert [out[-1] for out in outs] == [f"error: {m}" for m in said], [out[-3:] for out in outs]
 
 
+def run_script(tmp_path, source: str, timeout: float) -> list[subprocess.Popen]:
+  """Runs `source` as 2 processes x 1 device (argv: coordinator address, process id); returns them ended."""
+  script = tmp_path / "script.py"
+  script.write_text(source)
+  port = free_port()
+  env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    for p in procs:
+      p.out = p.communicate(timeout=timeout)[0]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return procs
+
+
 def test_an_error_of_one_process_alone_does_not_hang_the_others(tmp_path):
   """Process 1 stops on an error of its own while process 0 waits for it in a collective: its exit waits
   in jax.distributed's shutdown only for the grace period, then it ends, and process 0's collective fails."""
-  script = tmp_path / "alone.py"
-  script.write_text(
+  procs = run_script(tmp_path, (
       "import sys, time\n"
       "import jax, numpy as np\n"
-      "from jax.experimental import multihost_utils\n"
       "from bertjax import errors, sharding\n"
       "i = int(sys.argv[2])\n"
       "jax.distributed.initialize(sys.argv[1], 2, i, heartbeat_timeout_seconds=120)\n"
@@ -209,19 +226,36 @@ def test_an_error_of_one_process_alone_does_not_hang_the_others(tmp_path):
       "try:\n"
       "  sharding.gather_from_processes(np.array([i], np.int32))\n"
       "except errors.UserError as e:\n"
-      "  print(f'{e} after {time.time() - t0:.0f} s', flush=True)\n")
-  port = free_port()
-  env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=100)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+      "  print(f'{e} after {time.time() - t0:.0f} s', flush=True)\n"), timeout=100)
+  outs = [p.out for p in procs]
   assert procs[1].returncode == 2 and "error: my own" in outs[1], outs[1][-2000:]
   assert "process 0: another process stopped while the processes exchanged" in outs[0], outs[0][-2000:]
+
+
+def test_two_managers_save_the_same_steps_at_once(tmp_path):
+  """A trial group's members save the same step asynchronously at the same time: orbax names its barriers
+  after the step, and without a distinct prefix per manager the second save hangs ("already ongoing")."""
+  procs = run_script(tmp_path, (
+      "import sys\n"
+      "import jax, numpy as np\n"
+      "jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))\n"
+      "from jax.sharding import Mesh, NamedSharding, PartitionSpec as P\n"
+      "from bertjax.checkpoint import Checkpoints\n"
+      "x = jax.device_put(np.arange(64, dtype=np.float32), NamedSharding(Mesh(np.array(jax.devices()), ('d',)), P()))\n"
+      f"ms = [Checkpoints(f'{tmp_path}/m{{k}}', is_primary=jax.process_index() == 0, sync_name=f'member{{k}}')\n"
+      "      for k in range(2)]\n"
+      "for step in range(1, 5):\n"
+      "  for k, m in enumerate(ms):\n"
+      "    m.save(step, {'x': x * step + k}, {'step': step}, metrics={'eval_loss': 1.0 / step})\n"
+      "for m in ms:\n"
+      "  m.close()\n"
+      "print('saved', [m.all_steps() for m in ms], flush=True)\n"), timeout=90)
+  for p in procs:
+    assert p.returncode == 0 and "saved [[4], [4]]" in p.out, p.out[-3000:]
+  restored = Checkpoints(str(tmp_path / "m1"), is_primary=True).restore(4, {"x": np.zeros(64, np.float32)})
+  np.testing.assert_array_equal(restored[0]["x"], np.arange(64) * 4 + 1)
+
+
 def test_two_process_sweep_matches_one_process(setup, tmp_path):
   """A sweep on 2 processes x 2 devices (two trials trained together as a group, then one alone) gives
   every trial the losses of the same sweep on 1 process x 4 devices; process 0 alone writes the results."""
