@@ -2,7 +2,8 @@
 # Issue-4 benchmarks beyond MiniLM on SST-2: the same side-by-side bench (bertjax vs Hugging Face PyTorch)
 # for a BERT-base-sized random model (12 layers, hidden 768, MiniLM's WordPiece vocabulary) on SST-2, and for
 # MiniLM on sentence pairs (SNLI validation as training data). Writes runs/bench/{bert_base_sst2,minilm_snli}.json
-# and copies them to docs/. About 15 minutes on 2 CPU cores. Extra arguments go to both benches.
+# and copies them to docs/, named with a _bf16 suffix when bertjax's products were bf16 (model.matmul_dtype).
+# About 15 minutes on 2 CPU cores. Extra arguments go to both benches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-.venv/bin/python}"; [[ -x "$py" ]] || py=python3
@@ -30,4 +31,7 @@ fi
 "$py" -m bertjax.bench --config configs/minilm_sst2.py --peer torch --json "$out/minilm_snli.json" \
   --config.data.train="$data/snli/validation.tsv" --config.data.eval="$data/snli/validation.tsv" \
   "--config.data.text_fields=('premise','hypothesis')" --steps 40 --warmup 5 --repeats 2 "$@"
-cp "$out/bert_base_sst2.json" "$out/minilm_snli.json" docs/
+for name in bert_base_sst2 minilm_snli; do
+  suffix="$("$py" -c 'import json, sys; print("_bf16" if json.load(open(sys.argv[1]))["setup"]["matmul_dtype"] == "bfloat16" else "")' "$out/$name.json")"
+  cp "$out/$name.json" "docs/$name$suffix.json"
+done
