@@ -12,6 +12,7 @@ tokenizes it with its own tokenizer, max_length and truncation. `weighted` is a 
 """
 
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from bertjax import sharding
 from bertjax.data.batching import Batcher
 from bertjax.data.prefetch import Prefetch
 from bertjax.errors import UserError, exit_on_user_error
+from bertjax.models.encoder import cast_kernels
 from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, make_eval_step
 
@@ -46,11 +48,14 @@ class Evaluator:
   def __init__(self, model: SequenceClassifier, mesh, param_shardings):
     self.mesh = mesh
     self.batch_sharding = sharding.batch_sharding(mesh)
+    # The weights in the products' operand dtype, cast once per pass (bf16 under float32 compute).
+    self.cast = jax.jit(functools.partial(cast_kernels, model.cfg), out_shardings=param_shardings)
     self.step = CompiledByShape(jax.jit(make_eval_step(model), in_shardings=(param_shardings, self.batch_sharding),
                                         out_shardings=self.batch_sharding), "eval step")
 
   def logits(self, params, batcher: Batcher, num_examples: int) -> np.ndarray:
     """[num_examples, C] float32 logits, row i for example i."""
+    params = self.cast(params)
     out = None
     seen = np.zeros(num_examples, bool)
     pending = None

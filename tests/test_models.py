@@ -56,6 +56,25 @@ def test_logits_match_pytorch(hf_tiny, family, pairs):
   assert 1e-6 < mixed_diff < 0.03  # the products' operands are rounded (so not exact), a wrong product is O(1)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kernels_cast_once_give_the_same_logits(hf_tiny, family):
+  """The evaluator casts the Dense kernels to the products' operand dtype once per pass: only kernels
+  change, and the logits are those of the float32 params (whose kernels each product rounds itself)."""
+  import jax.numpy as jnp
+  from bertjax.models.encoder import cast_kernels
+  loaded = models.load(str(hf_tiny[family]))
+  ids, mask, types = padded_batch(np.random.default_rng(2), [9, 17, 5, 30], 120, loaded.cfg.pad_token_id)
+  cfg = loaded.cfg.replace(dtype="float32", matmul_dtype="bfloat16")
+  cast = cast_kernels(cfg, loaded.params)
+  flat = jax.tree_util.tree_flatten_with_path(cast)[0]
+  kernels = [x for path, x in flat if path[-1].key == "kernel"]
+  assert kernels and all(x.dtype == jnp.bfloat16 for x in kernels)
+  assert all(x.dtype == jnp.float32 for path, x in flat if path[-1].key != "kernel")
+  apply = lambda p: np.asarray(models.SequenceClassifier(cfg).apply({"params": p}, **to_bertjax(ids, mask, types)))
+  np.testing.assert_allclose(apply(cast), apply(loaded.params), rtol=1e-6, atol=1e-6)
+  assert cast_kernels(cfg.replace(matmul_dtype="float32"), loaded.params) is loaded.params
+
+
 def test_albert_shares_layers(hf_tiny):
   loaded = models.load(str(hf_tiny["albert"]))
   cfg = loaded.cfg

@@ -81,7 +81,7 @@ def matmul(cfg: EncoderConfig, spec: str, a: jax.Array, b: jax.Array) -> jax.Arr
   AMX-BF16), the forward product and both backward ones round their operands to bfloat16 (the incoming
   gradient too) and sum in float32, as a TPU's default precision does. Otherwise a plain einsum."""
   out_dtype = jnp.dtype(cfg.dtype)
-  if cfg.matmul_dtype in ("", cfg.dtype):
+  if not casts_products(cfg):
     return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
   return _cast_einsum(spec, a, b, jnp.dtype(cfg.matmul_dtype), out_dtype)
 
@@ -98,11 +98,28 @@ class Dense(nn.Module):
     kernel = self.param("kernel", nn.initializers.normal(cfg.initializer_range), (x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     dtype = jnp.dtype(cfg.dtype)
-    return matmul(cfg, "...i,io->...o", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    if not casts_products(cfg):  # else `matmul` casts it (a no-op for a kernel from `cast_kernels`)
+      kernel = kernel.astype(dtype)
+    return matmul(cfg, "...i,io->...o", x.astype(dtype), kernel) + bias.astype(dtype)
 
 
 def dense(cfg: EncoderConfig, features: int, name: str) -> Dense:
   return Dense(cfg, features, name=name)
+
+
+def casts_products(cfg: EncoderConfig) -> bool:
+  """Whether the products' operands have another dtype than the compute dtype (bf16 under float32)."""
+  return cfg.matmul_dtype not in ("", cfg.dtype)
+
+
+def cast_kernels(cfg: EncoderConfig, params):
+  """`params` with every Dense kernel in the products' operand dtype, for forward passes only: a pass
+  over the weights then casts them once, not at every batch. Unchanged when the products do not cast."""
+  if not casts_products(cfg):
+    return params
+  operand = jnp.dtype(cfg.matmul_dtype)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.astype(operand) if getattr(path[-1], "key", None) == "kernel" else x, params)
 
 
 def layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
