@@ -168,7 +168,7 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
 
   _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "matmul_peak_flops": peak,
           "dtype": tr.dtype, "matmul_dtype": tr.matmul_dtype, "peer_dtypes": peer_dtypes,
-          "rows_per_step": batcher.rows_per_step, "max_length": batcher.max_length, "packing": batcher.packing,
+          "rows_per_step": batcher.rows_per_step, "row_length": batcher.row_length, "packing": batcher.packing,
           "padding_fraction_epoch0": batcher.padding_fraction(0),
           "steps_per_epoch": batcher.steps_per_epoch(), "num_train_examples": len(batcher.lengths),
           "mean_train_length": float(batcher.lengths.mean()),
@@ -390,6 +390,7 @@ def drive(config, workdir: Path) -> dict:
                 "train": config.data.train, "eval": config.data.eval if FLAGS.eval else None,
                 "max_length": config.data.max_length, "global_batch_size": config.train.global_batch_size,
                 "packing": config.data.packing, "rows_per_step": jx.ready["rows_per_step"],
+                "row_length": jx.ready["row_length"],
                 "dtype": jx.ready["dtype"], "matmul_dtype": jx.ready["matmul_dtype"], "peer_dtypes": peer_dtypes,
                 "steps_per_block": FLAGS.steps, "warmup_steps": FLAGS.warmup, "repeats": FLAGS.repeats,
                 "train_padding_fraction_epoch0": jx.ready["padding_fraction_epoch0"],

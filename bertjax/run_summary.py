@@ -78,7 +78,7 @@ def start_lines(trainer, step: int) -> list[str]:
       f"{' (auto)' if trainer.config.model.matmul_dtype == 'auto' else ''})",
       f"data: {len(d.train)} train / {pipeline.example_count(d.eval)} eval examples; "
       f"{trainer.steps_per_epoch} steps per epoch; padding {d.train.batcher.padding_fraction(0):.1%} "
-      f"({'packed' if trainer.config.data.packing else 'length buckets'}{own})",
+      f"({f'packed, {d.train.batcher.rows_per_step} rows of {d.train.batcher.row_length} tokens' if d.train.batcher.packing else 'length buckets'}{own})",
       f"optimizer: {opt.name}, effective learning rate {trainer.effective_lr:.3g}{lr_note}, "
       f"{trainer.total_steps} steps, batch {tc.global_batch_size} on mesh {dict(trainer.mesh.shape)}"
       + (f", resuming at step {step}" if step else "")]

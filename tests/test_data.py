@@ -577,10 +577,25 @@ def test_sst2_epoch_shapes_and_padding(sst2_train, capsys):
     assert slots == sum(r * l for r, l in batcher.step_shapes(epoch=0)[:200])
     assert int(batcher.global_real_tokens(0).sum()) == int(tokenized.lengths.sum())
   assert per_step[False] == pytest.approx(32, abs=0.1)
+  # Packed rows are as long as the longest example (66 tokens) rounded up to 16, not max_length.
+  assert tokenized.lengths.max() == 66 and batcher.row_length == 80 and batcher.shapes() == [(5, 80, 16)]
   # Packed: whole rows, so the mean is within half a row's worth of examples of the batch size.
-  assert abs(per_step[True] - 32) <= 0.5 * 128 / tokenized.lengths.mean() + 1
+  assert abs(per_step[True] - 32) <= 0.5 * 80 / tokenized.lengths.mean() + 1
   assert fractions[True] <= 0.03 < 0.25 < fractions[False]
   with capsys.disabled():
     print(f"\nSST-2 train, batch 32, max length 128: padding fraction unpacked "
-          f"{fractions[False]:.4f}, stream-packed (16 per row) {fractions[True]:.4f}, "
+          f"{fractions[False]:.4f}, stream-packed (rows of 80, 16 per row) {fractions[True]:.4f}, "
           f"{per_step[True]:.1f} examples per packed step")
+
+
+@pytest.mark.parametrize("longest, max_length, row_length", [(5, 64, 16), (16, 64, 16), (17, 64, 32),
+                                                             (60, 64, 64), (120, 128, 128), (130, 200, 144)])
+def test_packed_rows_fit_the_longest_example(longest, max_length, row_length):
+  lengths = np.array([3, longest, 7, 2])
+  tokenized = tok.Tokenized([np.ones(n, np.int32) for n in lengths], [np.zeros(n, np.int32) for n in lengths],
+                            lengths.astype(np.int32), 0)
+  batcher = batching.Batcher(tokenized, None, global_batch_size=2, max_length=max_length, packing=True)
+  assert batcher.row_length == row_length
+  assert {b["input_ids"].shape[1] for b in batcher.iterate(0)} == {row_length}
+  unpacked = batching.Batcher(tokenized, None, global_batch_size=2, max_length=max_length)
+  assert unpacked.row_length == max_length

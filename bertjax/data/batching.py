@@ -104,8 +104,9 @@ class Batcher:
   """Yields this host's numpy batches of tokenized examples, unpacked or packed.
 
   Unpacked: `global_batch_size` examples per step, one per row, rows padded to a length bucket.
-  Packed (stream packing): every step has the same shape [rows, max_length], filled from the
-  shuffled example stream (`pack_stream`); rows are chosen from the mean example length so that
+  Packed (stream packing): every step has the same shape [rows, row_length], filled from the
+  shuffled example stream (`pack_stream`); row_length is the longest example's length rounded up to 16
+  (at most max_length), and rows are chosen from the mean example length so that
   `global_batch_size` is the mean number of examples per step, and the number of steps per epoch
   can differ by a step or two between epochs (`steps_in_epoch`).
   With several shards, each shard fills rows // num_shards rows of every step; a shard that runs
@@ -165,16 +166,19 @@ class Batcher:
     self.process_count = process_count
     self.num_shards = num_shards
     self.buckets = length_buckets(max_length)
+    # Packed rows are as long as the longest example, rounded up to 16 tokens (at most max_length):
+    # attention costs each token the row's length, so short texts run faster in shorter rows.
+    self.row_length = min(max_length, -(-max(longest, 1) // 16) * 16) if packing else max_length
     if packing:
       mean = float(self.lengths.mean()) if len(self.lengths) else 1.0
       multiple = math.lcm(row_multiple * process_count, num_shards)
-      self.rows_per_step = stream_rows(global_batch_size, mean, max_length, multiple)
+      self.rows_per_step = stream_rows(global_batch_size, mean, self.row_length, multiple)
     else:
       self.rows_per_step = global_batch_size
     self.rows_per_host = self.rows_per_step // process_count
     self.rows_per_shard = self.rows_per_step // num_shards
     if packing:
-      self.window = int(np.ceil(self.rows_per_shard * max_length / mean)) + lookahead
+      self.window = int(np.ceil(self.rows_per_shard * self.row_length / mean)) + lookahead
     self._cached: tuple[int, list] | None = None  # (epoch, layout) of the last epoch asked for
 
   def _shard_steps(self, shard: int, epoch: int) -> list[list[list[int]]]:
@@ -184,7 +188,7 @@ class Batcher:
                                 shard if self.num_shards > 1 else None)
     rows = self.rows_per_shard
     if self.packing:
-      return pack_stream(self.lengths, order, rows, self.max_length, self.max_per_row, self.window)
+      return pack_stream(self.lengths, order, rows, self.row_length, self.max_per_row, self.window)
     end = len(order) - len(order) % rows if self.drop_remainder else len(order)
     return [[[int(i)] for i in order[k:k + rows]] for k in range(0, end, rows)]
 
@@ -219,7 +223,7 @@ class Batcher:
   def shapes(self) -> list[tuple[int, int, int]]:
     """Every (rows, length, slots per row) a batch of this host can have."""
     if self.packing:
-      return [(self.rows_per_host, self.max_length, self.max_per_row)]
+      return [(self.rows_per_host, self.row_length, self.max_per_row)]
     return [(self.rows_per_host, b, 1) for b in self.buckets]
 
   def _layout(self, step: list[list[int]]) -> tuple[list[list[int]], int, int]:
@@ -227,7 +231,7 @@ class Batcher:
     start = self.rows_per_host * self.process_index
     mine = step[start:start + self.rows_per_host]
     if self.packing:
-      return mine, self.rows_per_host, self.max_length
+      return mine, self.rows_per_host, self.row_length
     longest = int(max(self.lengths[row[0]] for row in step if row))
     return mine, self.rows_per_host, next(b for b in self.buckets if b >= longest)
 
