@@ -13,8 +13,8 @@ packing, `global_batch_size` examples per step on average); torch batches them `
 at a time in the same order. Eval runs the whole eval split through bertjax's jitted Evaluator and
 through torch no_grad inference with dynamic padding, once per round.
 
-When bertjax's products take bfloat16 operands (`model.matmul_dtype`, `auto` on a CPU with AMX-BF16),
-torch runs twice per block, in float32 and under torch.autocast(bfloat16) (the Trainer's bf16=True),
+When bertjax's products take bfloat16 operands (`model.matmul_dtype`, `auto` on a CPU with AMX-BF16 or
+AVX512-BF16), torch runs twice per block, in float32 and under torch.autocast(bfloat16) (the Trainer's bf16=True),
 each with its own model and optimizer, and each ratio is against torch's faster precision
 (`--peer_dtypes` chooses). MFU uses `bertjax.flops` and the float32 matmul peak measured by the
 bertjax worker in the same run; `mfu_own_dtype` divides by the peak of each side's operand dtype.
@@ -40,6 +40,7 @@ from ml_collections import config_flags
 
 from bertjax.errors import UserError, exit_on_user_error
 from bertjax.host_memory import keep_freed_memory
+from bertjax.models.config import cpu_has_bf16_dot
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_enum("peer", "torch", ["torch"], "The trainer to compare with.")
@@ -96,6 +97,16 @@ def _batches(batcher, positions: list[tuple[int, int]]):
   for epoch, group in itertools.groupby(positions, key=lambda p: p[0]):
     group = list(group)
     yield from itertools.islice(batcher.iterate(epoch, group[0][1]), len(group))
+
+
+def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU's model name (Linux), else platform.processor(): benches on different CPUs differ."""
+  try:
+    with open(cpuinfo) as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+  except OSError:
+    names = []
+  return names[0] if names else platform.processor()
 
 
 def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
@@ -378,7 +389,8 @@ def drive(config, workdir: Path) -> dict:
   result = {
       "command": " ".join(["python -m bertjax.bench", *sys.argv[1:]]),
       "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),
-      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jx.ready["jax"],
+      "machine": {"cpus": os.cpu_count(), "cpu": _cpu_model(), "bf16_dot": cpu_has_bf16_dot(),
+                  "platform": platform.platform(), "jax": jx.ready["jax"],
                   "torch": th.ready["torch"], "torch_threads": th.ready["threads"],
                   "torch_interop_threads": th.ready["interop_threads"],
                   # bertjax.host_memory's malloc setting in each worker process

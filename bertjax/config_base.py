@@ -16,7 +16,8 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="auto",  # computation dtype: auto (float32 on CPU, bfloat16 on GPU/TPU) | float32 | bfloat16;
       # parameters and optimizer state stay float32
       matmul_dtype="auto",  # operand dtype of the dense layers' products, summed in float32: auto (the
-      # compute dtype, but bfloat16 under float32 compute on a CPU with AMX-BF16) | float32 | bfloat16
+      # compute dtype, but bfloat16 under float32 compute on a CPU with AMX-BF16 or AVX512-BF16)
+      # | float32 | bfloat16
   )
   c.data = dict(
       train="",  # .tsv/.csv/.jsonl path or tfds:NAME[/CONFIG]:SPLIT

@@ -75,7 +75,7 @@ def test_export_loads_in_torch_and_matches_predict(trained):
     assert sum(r["probs"]) == pytest.approx(1.0)
   # The workdir itself (orbax checkpoint, packed batches) predicts the same at the same numerics. A Hugging
   # Face folder predicts in float32; a workdir as its run computed (model.matmul_dtype=auto: bfloat16
-  # operands on a CPU with AMX-BF16), which moves the logits by about bfloat16's precision.
+  # operands on a CPU with bf16 dot instructions), which moves the logits by about bfloat16's precision.
   model = load_model(workdir)
   examples, skipped = read_input(model.data, model.num_texts, str(root / "in.txt"))
   logits, stats = predict_logits(model, examples, batch_size=16)

@@ -311,14 +311,17 @@ def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(tmp_path):
     resume.check_resume_compatible(tmp_path, config)
 
 
-def test_auto_matmul_dtype_is_bfloat16_only_with_bf16_matrix_units(tmp_path, monkeypatch):
+def test_auto_matmul_dtype_is_bfloat16_only_with_bf16_dot_instructions(tmp_path, monkeypatch):
   from bertjax.config_base import base_config
   from bertjax.models import config as model_config
-  flags = "flags\t\t: fpu avx512f avx512_bf16 {}\n"
-  for extra, want in (("amx_bf16 amx_tile", True), ("amx_tile", False)):
+  flags = "flags\t\t: fpu avx512f avx512vl {}\n"
+  for extra, want in (("amx_bf16 amx_tile avx512_bf16", True), ("avx512_bf16", True), ("amx_bf16", True),
+                      ("amx_tile avx512_vnni", False), ("avx512_bf16x", False)):
     (tmp_path / "cpuinfo").write_text("processor\t: 0\n" + flags.format(extra))
-    assert model_config.cpu_has_bf16_matrix_units(str(tmp_path / "cpuinfo")) is want
-  assert model_config.cpu_has_bf16_matrix_units(str(tmp_path / "missing")) is False
+    assert model_config.cpu_has_bf16_dot(str(tmp_path / "cpuinfo")) is want, extra
+  (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: avx512_bf16 in a name\n" + flags.format(""))
+  assert model_config.cpu_has_bf16_dot(str(tmp_path / "cpuinfo")) is False
+  assert model_config.cpu_has_bf16_dot(str(tmp_path / "missing")) is False
   assert base_config().model.matmul_dtype == "auto"
   config = base_config()
   saved = resume.config_snapshot(config)
@@ -326,12 +329,12 @@ def test_auto_matmul_dtype_is_bfloat16_only_with_bf16_matrix_units(tmp_path, mon
   (tmp_path / "config.json").write_text(json.dumps(saved))
   resolve = model_config.resolve_matmul_dtype
   for amx in (True, False):
-    monkeypatch.setattr(model_config, "cpu_has_bf16_matrix_units", lambda amx=amx: amx)
+    monkeypatch.setattr(model_config, "cpu_has_bf16_dot", lambda amx=amx: amx)
     assert resolve("auto", "float32", "cpu") == ("bfloat16" if amx else "float32")
     assert resolve("auto", "bfloat16", "cpu") == resolve("auto", "bfloat16", "gpu") == "bfloat16"
     assert resolve("auto", "float32", "gpu") == "float32" and resolve("float32", "float32", "cpu") == "float32"
     # Resuming compares what `auto` resolves to: a run saved with bfloat16 products resumes under
-    # `auto` on a CPU with AMX-BF16 only.
+    # `auto` on a CPU with bf16 dot instructions only.
     if amx:
       resume.check_resume_compatible(tmp_path, config)
     else:

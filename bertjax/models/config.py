@@ -136,12 +136,18 @@ def resolve_dtype(name: str, backend: str | None = None) -> str:
   return "float32" if backend == "cpu" else "bfloat16"
 
 
-def cpu_has_bf16_matrix_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
-  """True on x86 CPUs with AMX-BF16 tiles (Intel Sapphire Rapids and later), where XLA's bf16 products
-  with float32 sums ran 3.5-4.5x faster than float32 ones (docs/performance.md)."""
+# x86 CPU flags of bf16 dot-product instructions: AMX-BF16 tiles (Intel Sapphire Rapids and later) and
+# AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later).
+BF16_DOT_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_bf16_dot(cpuinfo: str = "/proc/cpuinfo") -> bool:
+  """True on x86 CPUs with bf16 dot-product instructions (BF16_DOT_FLAGS), where XLA's products with bf16
+  operands and float32 sums ran faster than float32 ones: 3.5-4.5x with AMX-BF16, 1.8-2.1x with
+  AVX512-BF16 alone (docs/performance.md)."""
   try:
     with open(cpuinfo) as f:
-      return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+      return any(line.startswith("flags") and not set(BF16_DOT_FLAGS).isdisjoint(line.split()) for line in f)
   except OSError:
     return False
 
@@ -149,7 +155,7 @@ def cpu_has_bf16_matrix_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
 def resolve_matmul_dtype(name: str, dtype: str, backend: str | None = None) -> str:
   """The operand dtype of the matrix products for `model.matmul_dtype`, given the resolved compute dtype.
 
-  `auto` is the compute dtype, except float32 compute on a CPU with bf16 matrix units, where it is
+  `auto` is the compute dtype, except float32 compute on a CPU with bf16 dot instructions, where it is
   bfloat16: products round their operands to bf16 and sum in float32 (a TPU's default precision)."""
   if name not in DTYPES:
     raise UserError(f"model.matmul_dtype must be one of {', '.join(DTYPES)}, got {name!r}")
@@ -157,7 +163,7 @@ def resolve_matmul_dtype(name: str, dtype: str, backend: str | None = None) -> s
     if backend is None:
       import jax
       backend = jax.default_backend()
-    name = "bfloat16" if dtype == "float32" and backend == "cpu" and cpu_has_bf16_matrix_units() else dtype
+    name = "bfloat16" if dtype == "float32" and backend == "cpu" and cpu_has_bf16_dot() else dtype
   if name != dtype and dtype != "float32":
     raise UserError(f"model.matmul_dtype={name} needs model.dtype float32 (or the same dtype), got {dtype}")
   return name

@@ -77,8 +77,8 @@ _cast_einsum.defvjp(_cast_einsum_fwd, _cast_einsum_bwd)
 def matmul(cfg: EncoderConfig, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """einsum(spec, a, b) of two cfg.dtype arrays with operands in cfg.matmul_dtype, returned in cfg.dtype.
 
-  When cfg.matmul_dtype is bfloat16 and cfg.dtype float32 (`model.matmul_dtype=auto` on a CPU with
-  AMX-BF16), the forward product and both backward ones round their operands to bfloat16 (the incoming
+  When cfg.matmul_dtype is bfloat16 and cfg.dtype float32 (`model.matmul_dtype=auto` on a CPU with bf16 dot
+  instructions), the forward product and both backward ones round their operands to bfloat16 (the incoming
   gradient too) and sum in float32, as a TPU's default precision does. Otherwise a plain einsum."""
   out_dtype = jnp.dtype(cfg.dtype)
   if not casts_products(cfg):
