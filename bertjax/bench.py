@@ -184,6 +184,7 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
           "steps_per_epoch": batcher.steps_per_epoch(), "num_train_examples": len(batcher.lengths),
           "mean_train_length": float(batcher.lengths.mean()),
           "eval_padding_fraction": eval_split.batcher.padding_fraction(0) if eval_split else None,
+          "eval_forward_flops": flops.forward_flops(tr.model_cfg, eval_split.batcher.lengths) if eval_split else None,
           "model": {"layers": tr.model_cfg.num_layers, "hidden": tr.model_cfg.hidden_size,
                     "heads": tr.model_cfg.num_heads, "intermediate": tr.model_cfg.intermediate_size},
           "devices": jax.device_count(), "jax": jax.__version__})
@@ -436,9 +437,17 @@ def drive(config, workdir: Path) -> dict:
     result["bertjax"]["eval_padding_fraction"] = jx.ready["eval_padding_fraction"]
     for dtype in peer_dtypes:
       result[_eval_name(dtype).replace("torch", "torch_dynamic")]["eval_examples_per_sec"] = rates[_eval_name(dtype)]
+    # Eval MFU: the model's forward FLOPs of the eval split (real tokens) per second over the peak of each
+    # side's operand dtype. At 100% of that peak bertjax would be `eval_vs_torch_at_own_peak` x torch's best.
+    per_example = jx.ready["eval_forward_flops"] / evals["bertjax"][0]["examples"]
+    result["bertjax"]["eval_mfu_own_dtype"] = rates["bertjax"] * per_example / peaks[own_dtype["bertjax"]]
+    for dtype in peer_dtypes:
+      name = _eval_name(dtype).replace("torch", "torch_dynamic")
+      result[name]["eval_mfu_own_dtype"] = rates[_eval_name(dtype)] * per_example / peaks[dtype]
     best = max((n for n in rates if n != "bertjax"), key=rates.get)
     result["ratios"]["eval_vs_torch"] = rates["bertjax"] / rates[best]
     result["ratios"]["eval_vs_torch_peer"] = best
+    result["ratios"]["eval_vs_torch_at_own_peak"] = peaks[own_dtype["bertjax"]] / (rates[best] * per_example)
     for name in rates:
       if name != "bertjax":
         result["ratios_by_peer"]["eval"][name] = rates["bertjax"] / rates[name]

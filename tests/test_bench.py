@@ -55,6 +55,17 @@ def test_bench_smoke(tmp_path):
     assert each["train"][peer] == pytest.approx(r["bertjax"]["train_examples_per_sec"]
                                                 / r[peer]["train_examples_per_sec"])
   assert ratios["eval_vs_torch"] == min(each["eval"].values())
+  # Eval MFU: the same forward FLOPs per example on every side, over each side's own peak; at its peak
+  # bertjax would be eval_vs_torch / its eval MFU times torch's best.
+  peaks = r["matmul_peak_flops_by_dtype"]
+  for side, dtype in (("torch_dynamic", "float32"), ("torch_dynamic_bf16", "bfloat16")):
+    assert 0 < r[side]["eval_mfu_own_dtype"] < 1
+    assert r["bertjax"]["eval_mfu_own_dtype"] / r[side]["eval_mfu_own_dtype"] == pytest.approx(
+        r["bertjax"]["eval_examples_per_sec"] / r[side]["eval_examples_per_sec"]
+        * peaks[dtype] / peaks[r["setup"]["matmul_dtype"]])
+  assert ratios["eval_vs_torch_at_own_peak"] == pytest.approx(
+      ratios["eval_vs_torch"] / r["bertjax"]["eval_mfu_own_dtype"])
+  assert r["machine"]["cpu"] and isinstance(r["machine"]["bf16_dot"], bool)
   assert r["matmul_peak_flops"] > 1e9 and r["setup"]["global_batch_size"] == 16
   assert r["profile"]["ms"]["train_step"] > 0 and r["profile"]["model_train_flops"] > 0
   for variant in ("float32_matmul_float32", "float32_matmul_bfloat16", "bfloat16_matmul_bfloat16"):
