@@ -14,8 +14,8 @@ at a time in the same order. Eval runs the whole eval split through bertjax's ji
 through torch no_grad inference with dynamic padding, once per round.
 
 When bertjax's products take bfloat16 operands (`model.matmul_dtype`, `auto` on a CPU with AMX-BF16 or
-AVX512-BF16), torch runs twice per block, in float32 and under torch.autocast(bfloat16) (the Trainer's bf16=True),
-each with its own model and optimizer, and each ratio is against torch's faster precision
+AVX512-BF16), torch runs twice per block, in float32 and under torch.autocast(bfloat16) (the Trainer's
+bf16=True), each with its own model and optimizer, and each ratio is against torch's faster precision
 (`--peer_dtypes` chooses). MFU uses `bertjax.flops` and the float32 matmul peak measured by the
 bertjax worker in the same run; `mfu_own_dtype` divides by the peak of each side's operand dtype.
 `--profile` adds where a bertjax step's time goes (step variants timed on one fixed batch).
@@ -40,7 +40,7 @@ from ml_collections import config_flags
 
 from bertjax.errors import UserError, exit_on_user_error
 from bertjax.host_memory import keep_freed_memory
-from bertjax.models.config import cpu_has_bf16_dot
+from bertjax.models.config import cpu_has_bf16_dot, cpuinfo_value
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_enum("peer", "torch", ["torch"], "The trainer to compare with.")
@@ -97,16 +97,6 @@ def _batches(batcher, positions: list[tuple[int, int]]):
   for epoch, group in itertools.groupby(positions, key=lambda p: p[0]):
     group = list(group)
     yield from itertools.islice(batcher.iterate(epoch, group[0][1]), len(group))
-
-
-def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
-  """The CPU's model name (Linux), else platform.processor(): benches on different CPUs differ."""
-  try:
-    with open(cpuinfo) as f:
-      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-  except OSError:
-    names = []
-  return names[0] if names else platform.processor()
 
 
 def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
@@ -390,8 +380,9 @@ def drive(config, workdir: Path) -> dict:
   result = {
       "command": " ".join(["python -m bertjax.bench", *sys.argv[1:]]),
       "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),
-      "machine": {"cpus": os.cpu_count(), "cpu": _cpu_model(), "bf16_dot": cpu_has_bf16_dot(),
-                  "platform": platform.platform(), "jax": jx.ready["jax"],
+      # The CPU's model: benches on different CPUs are not comparable in examples/s.
+      "machine": {"cpus": os.cpu_count(), "cpu": cpuinfo_value("model name") or platform.processor(),
+                  "bf16_dot": cpu_has_bf16_dot(), "platform": platform.platform(), "jax": jx.ready["jax"],
                   "torch": th.ready["torch"], "torch_threads": th.ready["threads"],
                   "torch_interop_threads": th.ready["interop_threads"],
                   # bertjax.host_memory's malloc setting in each worker process
@@ -435,15 +426,14 @@ def drive(config, workdir: Path) -> dict:
     rates = {name: statistics.median(e["examples"] / e["seconds"] for e in es) for name, es in evals.items()}
     result["bertjax"]["eval_examples_per_sec"] = rates["bertjax"]
     result["bertjax"]["eval_padding_fraction"] = jx.ready["eval_padding_fraction"]
-    for dtype in peer_dtypes:
-      result[_eval_name(dtype).replace("torch", "torch_dynamic")]["eval_examples_per_sec"] = rates[_eval_name(dtype)]
     # Eval MFU: the model's forward FLOPs of the eval split (real tokens) per second over the peak of each
     # side's operand dtype. At 100% of that peak bertjax would be `eval_vs_torch_at_own_peak` x torch's best.
     per_example = jx.ready["eval_forward_flops"] / evals["bertjax"][0]["examples"]
     result["bertjax"]["eval_mfu_own_dtype"] = rates["bertjax"] * per_example / peaks[own_dtype["bertjax"]]
     for dtype in peer_dtypes:
-      name = _eval_name(dtype).replace("torch", "torch_dynamic")
-      result[name]["eval_mfu_own_dtype"] = rates[_eval_name(dtype)] * per_example / peaks[dtype]
+      side = result[_eval_name(dtype).replace("torch", "torch_dynamic")]
+      side["eval_examples_per_sec"] = rates[_eval_name(dtype)]
+      side["eval_mfu_own_dtype"] = rates[_eval_name(dtype)] * per_example / peaks[dtype]
     best = max((n for n in rates if n != "bertjax"), key=rates.get)
     result["ratios"]["eval_vs_torch"] = rates["bertjax"] / rates[best]
     result["ratios"]["eval_vs_torch_peer"] = best

@@ -20,8 +20,9 @@ from conftest import tiny_bert_with_tokenizer
 from test_optim import make_cfg, toy_params
 from test_train import REPO, demo_config
 
-# float32 products: with bfloat16 operands (matmul_dtype=auto on a CPU with bf16 dot instructions) the vmapped group's different
-# summation order can flip an operand's bf16 rounding, and 40 steps turn that into ~3e-5 in the losses.
+# float32 products: with bfloat16 operands (matmul_dtype=auto on a CPU with bf16 dot instructions) the vmapped
+# group's different summation order can flip an operand's bf16 rounding, and 40 steps turn that into ~3e-5 in
+# the losses.
 COMMON = {"train.max_steps": 40, "train.eval_every_steps": 20, "train.checkpoint_every_steps": 5,
           "train.log_every_steps": 1, "data.shuffle_seed": 5, "model.matmul_dtype": "float32"}
 # Learning rate, weight decay, clip on/off, warmup and seed differ; trials 0 and 2 share a seed (and so a head).

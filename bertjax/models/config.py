@@ -141,15 +141,25 @@ def resolve_dtype(name: str, backend: str | None = None) -> str:
 BF16_DOT_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
+def cpuinfo_value(key: str, cpuinfo: str = "/proc/cpuinfo") -> str | None:
+  """The value of the first `key : value` line of /proc/cpuinfo (Linux), None without one."""
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == key:
+          return value.strip()
+  except OSError:
+    pass
+  return None
+
+
 def cpu_has_bf16_dot(cpuinfo: str = "/proc/cpuinfo") -> bool:
   """True on x86 CPUs with bf16 dot-product instructions (BF16_DOT_FLAGS), where XLA's products with bf16
   operands and float32 sums ran faster than float32 ones: 3.5-4.5x with AMX-BF16, 1.8-2.1x with
   AVX512-BF16 alone (docs/performance.md)."""
-  try:
-    with open(cpuinfo) as f:
-      return any(line.startswith("flags") and not set(BF16_DOT_FLAGS).isdisjoint(line.split()) for line in f)
-  except OSError:
-    return False
+  flags = cpuinfo_value("flags", cpuinfo)
+  return flags is not None and not set(BF16_DOT_FLAGS).isdisjoint(flags.split())
 
 
 def resolve_matmul_dtype(name: str, dtype: str, backend: str | None = None) -> str:
