@@ -5,7 +5,7 @@ Every optimizer is one `optax.chain`, so the whole update stays a single jitted 
   clip_by_global_norm(clip_norm)        # skipped when clip_norm == 0
   -> direction (adam / rms / factored rms moments)
   -> + weight_decay * param             # decoupled, masked: no biases, no LayerNorm params
-  -> trust ratio                        # lamb only
+  -> trust ratio                        # lamb only; not on biases and LayerNorm params (decay_mask)
   -> * -schedule_fn(step)
   -> * layer-wise multiplier            # skipped when layerwise_lr_decay == 1
 
@@ -285,8 +285,8 @@ def build_optimizer(plan: OptimizerPlan, hparams: dict, params: Any) -> tuple[op
   chain += _direction(plan.name, hp["b1"], hp["b2"], hp["eps"])
   if not _is_const(hp["weight_decay"]) or hp["weight_decay"] > 0:
     chain.append(optax.add_decayed_weights(hp["weight_decay"], mask=decay_mask))
-  if plan.name == "lamb":
-    chain.append(optax.scale_by_trust_ratio())
+  if plan.name == "lamb":  # layer adaptation of the matrices only, as the LAMB paper and TF Model Garden do
+    chain.append(optax.masked(optax.scale_by_trust_ratio(), decay_mask))
   chain.append(optax.scale_by_learning_rate(schedule_fn))
   if plan.layer_decay != 1.0:
     chain.append(scale_by_tree(layerwise_multipliers(params, plan.layer_decay)))

@@ -257,3 +257,27 @@ def test_each_optimizer_reduces_a_quadratic(name):
   for _ in range(200):
     params, state = step(params, state)
   assert float(loss_fn(params)) < 1e-2 * start
+
+
+def test_lamb_trust_ratio_scales_the_matrices_and_not_biases_or_layer_norms():
+  """LAMB's layer adaptation (||param|| / ||update||) applies to kernels and embeddings only; biases and
+  LayerNorm parameters take AdamW's step, as in the LAMB paper and TF Model Garden."""
+  params = toy_params()
+  grads = jax.tree.map(lambda p: 0.5 * p + 0.1, params)
+  lamb, _, _ = optim.make_optimizer(make_cfg(name="lamb"), params, total_steps=10, global_batch_size=32)
+  adam, _, _ = optim.make_optimizer(make_cfg(name="adamw"), params, total_steps=10, global_batch_size=32)
+  lamb_up, _ = lamb.update(grads, lamb.init(params), params)
+  adam_up, _ = adam.update(grads, adam.init(params), params)
+  masks = optim.decay_mask(params)
+  checked = {True: 0, False: 0}
+
+  def check(path, lu, au, p, decays):
+    if decays:  # trust ratio: the update's norm becomes lr * ||param||
+      np.testing.assert_allclose(float(jnp.linalg.norm(lu)), 1e-2 * float(jnp.linalg.norm(p)), rtol=1e-5)
+      assert not np.allclose(lu, au)
+    else:
+      np.testing.assert_allclose(lu, au, rtol=1e-6)
+    checked[bool(decays)] += 1
+
+  jax.tree_util.tree_map_with_path(check, lamb_up, adam_up, params, masks)
+  assert checked[True] >= 2 and checked[False] >= 4
