@@ -56,6 +56,9 @@ flags.DEFINE_bool("peer_keep_freed_memory", False,
 flags.DEFINE_list("peer_dtypes", None,
                   "torch precisions to run: float32 and/or bfloat16 (torch.autocast, as the Trainer's bf16=True). "
                   "Default: float32, and also bfloat16 when bertjax's matmuls are bfloat16 (model.matmul_dtype).")
+flags.DEFINE_bool("input_only", False, "Time the host side alone (plan, batches, host-to-device copies; "
+                  "bertjax.bench_input), with no model and no peer.")
+flags.DEFINE_integer("input_epochs", 3, "With --input_only: consecutive epochs timed end to end.")
 flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run as a worker process.")
 FLAGS = flags.FLAGS
 
@@ -205,7 +208,7 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
   key = jax.random.fold_in(state.rng, 0)
   grad = lambda model, k: jax.jit(jax.value_and_grad(lambda p: _sums(model, p, batch, reg, k)[0]))
   train = lambda model: jax.jit(make_train_step(model, tr.tx, tr.schedule, reg, accum))
-  out = {"batch_shape": list(batch["input_ids"].shape), "reps": reps, "ms": {}}
+  out = {"batch_shape": list(batch.shape[:2]), "reps": reps, "ms": {}}
   ms = out["ms"]
   ms["train_step"] = timed(train(tr.model), state, batch)
   ms["train_step_no_dropout"] = timed(train(quiet), state, batch)
@@ -222,7 +225,7 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
   ms["optimizer_update"] = timed(update, state.params, state.opt_state, state.params)
   # The random bits of every dropout mask in the model, drawn alone: embeddings, each applied layer (its
   # last one at the read-out tokens only), the head's two.
-  (r, l), slots = batch["input_ids"].shape, batch["cls_index"].shape[1]
+  r, l, slots = batch.shape
   h, n = cfg.hidden_size, cfg.num_heads
   layer = lambda q: [(r, n, q, l), (r, q, h), (r, q, h)]
   shapes = ([(r, l, cfg.emb_size)] + layer(l) * (len(cfg.layer_schedule()) - 1) + layer(slots)
@@ -230,7 +233,8 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
   masks = lambda draw: jax.jit(lambda k: [draw(jax.random.fold_in(k, i), s) for i, s in enumerate(shapes)])
   ms["dropout_masks_alone"] = timed(masks(lambda k, s: keep_mask(k, s, 0.1)), key)  # what the model draws
   ms["dropout_masks_alone_threefry"] = timed(masks(lambda k, s: jax.random.bernoulli(k, 0.9, s)), key)  # flax's
-  lengths = tr.data.train.batcher.lengths[np.asarray(batch["example_ids"])[np.asarray(batch["example_ids"]) >= 0]]
+  ids = np.asarray(batch.fields()["example_ids"])
+  lengths = tr.data.train.batcher.lengths[ids[ids >= 0]]
   out["model_train_flops"] = flops.train_flops(cfg, lengths)
   cost = train(tr.model).lower(state, batch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -322,6 +326,12 @@ class Worker:
       self.proc.wait(timeout=60)
 
 
+def _machine() -> dict:
+  """The CPU's model and flags: benches on different CPUs are not comparable in examples/s."""
+  return {"cpus": os.cpu_count(), "cpu": cpuinfo_value("model name") or platform.processor(),
+          "bf16_dot": cpu_has_bf16_dot(), "platform": platform.platform()}
+
+
 def _eval_name(dtype: str) -> str:
   return "torch" if dtype == "float32" else "torch_bf16"
 
@@ -381,9 +391,7 @@ def drive(config, workdir: Path) -> dict:
       "command": " ".join(["python -m bertjax.bench", *sys.argv[1:]]),
       "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),
       # The CPU's model: benches on different CPUs are not comparable in examples/s.
-      "machine": {"cpus": os.cpu_count(), "cpu": cpuinfo_value("model name") or platform.processor(),
-                  "bf16_dot": cpu_has_bf16_dot(), "platform": platform.platform(), "jax": jx.ready["jax"],
-                  "torch": th.ready["torch"], "torch_threads": th.ready["threads"],
+      "machine": {**_machine(), "jax": jx.ready["jax"], "torch": th.ready["torch"], "torch_threads": th.ready["threads"],
                   "torch_interop_threads": th.ready["interop_threads"],
                   # bertjax.host_memory's malloc setting in each worker process
                   "keeps_freed_memory": {"bertjax": jx.ready["keeps_freed_memory"],
@@ -479,15 +487,32 @@ def main(argv):
     return
   if not FLAGS.json:
     raise UserError("--json OUT.json is required")
+  if FLAGS.input_only and FLAGS.input_epochs < 1:
+    raise UserError(f"--input_epochs must be >= 1, got {FLAGS.input_epochs}")
+  run_bench = drive
+  if FLAGS.input_only:
+    from bertjax import bench_input
+    keep_freed_memory()  # as the trainer's process does, before jax starts
+    run_bench = lambda c, w: bench_input.measure(c, w, epochs=FLAGS.input_epochs, repeats=FLAGS.repeats)
+  load_before, started = os.getloadavg(), time.time()
   if FLAGS.workdir:
-    result = drive(config, Path(FLAGS.workdir))
+    result = run_bench(config, Path(FLAGS.workdir))
   else:
     with tempfile.TemporaryDirectory(prefix="bertjax_bench_") as tmp:
-      result = drive(config, Path(tmp))
+      result = run_bench(config, Path(tmp))
+  if FLAGS.input_only:
+    import jax
+    result = {"command": " ".join(["python -m bertjax.bench", *sys.argv[1:]]),
+              "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
+              "machine": {**_machine(), "jax": jax.__version__, "load_average_before": load_before,
+                          "load_average_after": os.getloadavg()}, **result}
   out = Path(FLAGS.json)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2) + "\n")
-  _print_table(result)
+  if FLAGS.input_only:
+    bench_input.print_table(result)
+  else:
+    _print_table(result)
   print(f"wrote {out}")
 
 

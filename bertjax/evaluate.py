@@ -51,7 +51,7 @@ class Evaluator:
     # The weights in the products' operand dtype, cast once per pass (bf16 under float32 compute).
     self.cast = jax.jit(functools.partial(cast_kernels, model.cfg), out_shardings=param_shardings)
     self.step = CompiledByShape(jax.jit(make_eval_step(model), in_shardings=(param_shardings, self.batch_sharding),
-                                        out_shardings=self.batch_sharding), "eval step")
+                                        out_shardings=(self.batch_sharding, self.batch_sharding)), "eval step")
 
   def logits(self, params, batcher: Batcher, num_examples: int) -> np.ndarray:
     """[num_examples, C] float32 logits, row i for example i."""
@@ -72,7 +72,7 @@ class Evaluator:
     batches = Prefetch(batcher.iterate(0), lambda b: sharding.global_batch(b, self.batch_sharding))
     try:
       for batch in batches:
-        current = (self.step(params, batch), batch["example_ids"])
+        current = self.step(params, batch)
         if pending is not None:
           collect(pending)  # read the previous batch while this one runs
         pending = current

@@ -73,7 +73,7 @@ class TorchPeer:
     mask = np.zeros((len(batch), longest), np.int64)
     for r, i in enumerate(batch):
       n = int(tokenized.lengths[i])
-      ids[r, :n], types[r, :n], mask[r, :n] = tokenized.ids[i], tokenized.type_ids[i], 1
+      ids[r, :n], types[r, :n], mask[r, :n] = tokenized.ids(i), tokenized.type_ids(i), 1
     out = {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
            "attention_mask": torch.from_numpy(mask)}
     if labels is not None:

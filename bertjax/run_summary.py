@@ -12,6 +12,17 @@ def eval_scalars(result: dict, regression: bool) -> dict:
   return {k: float(result[k]) for k in keys if k in result}
 
 
+def examples_in_steps(batcher, steps: int) -> int:
+  """Examples in the first `steps` training steps (with packing, a step's count varies around the batch size)."""
+  total, epoch = 0, 0
+  while steps > 0:
+    sizes = batcher.examples_per_step(epoch)
+    total += int(sizes[:steps].sum())
+    steps -= len(sizes)
+    epoch += 1
+  return total
+
+
 def best_entry(step: int, scalars: dict) -> dict:
   entry = {"step": step, "eval_loss": scalars["loss"]}
   if "accuracy" in scalars:
@@ -39,6 +50,7 @@ def make_summary(trainer, member, step: int, epochs_completed: float, stats: dic
       "num_train_examples": len(data.train),
       "num_eval_examples": pipeline.example_count(data.eval),
       "global_batch_size": config.train.global_batch_size,
+      "mean_examples_per_step": examples_in_steps(data.train.batcher, step) / max(step, 1),
       "steps": step,
       "total_steps": trainer.total_steps,
       "epochs_completed": epochs_completed,
@@ -63,6 +75,14 @@ def make_summary(trainer, member, step: int, epochs_completed: float, stats: dic
   }
 
 
+def _layout(batcher) -> str:
+  if not batcher.packing:
+    return "length buckets"
+  empty = batcher.rows_per_step - batcher.plan_rows
+  extra = f", {empty} of them empty so the devices split them evenly" if empty else ""
+  return f"packed, {batcher.rows_per_step} rows of {batcher.row_length} tokens{extra}"
+
+
 def start_lines(trainer, step: int) -> list[str]:
   """The lines a run logs before its first step: model, data and optimizer."""
   tc, d, opt = trainer.config.train, trainer.data, trainer.config.optimizer
@@ -77,8 +97,8 @@ def start_lines(trainer, step: int) -> list[str]:
       f"{' (auto)' if trainer.config.model.dtype == 'auto' else ''}, matmuls {trainer.matmul_dtype}"
       f"{' (auto)' if trainer.config.model.matmul_dtype == 'auto' else ''})",
       f"data: {len(d.train)} train / {pipeline.example_count(d.eval)} eval examples; "
-      f"{trainer.steps_per_epoch} steps per epoch; padding {d.train.batcher.padding_fraction(0):.1%} "
-      f"({f'packed, {d.train.batcher.rows_per_step} rows of {d.train.batcher.row_length} tokens' if d.train.batcher.packing else 'length buckets'}{own})",
+      f"{trainer.steps_per_epoch} steps per epoch, {len(d.train) / trainer.steps_per_epoch:.1f} examples per step; "
+      f"padding {d.train.batcher.padding_fraction(0):.1%} ({_layout(d.train.batcher)}{own})",
       f"optimizer: {opt.name}, effective learning rate {trainer.effective_lr:.3g}{lr_note}, "
       f"{trainer.total_steps} steps, batch {tc.global_batch_size} on mesh {dict(trainer.mesh.shape)}"
       + (f", resuming at step {step}" if step else "")]

@@ -53,9 +53,10 @@ def state_shardings(abstract_state, mesh: Mesh):
   return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp)), abstract_state)
 
 
-def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
-  """One jax.Array per key from each host's rows (the global batch is their concatenation)."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+def global_batch(local_batch, sharding: NamedSharding):
+  """The global batch (a pytree of jax.Arrays, e.g. a `Batch`) from each host's rows: their
+  concatenation, in one transfer per leaf."""
+  return jax.make_array_from_process_local_data(sharding, local_batch)
 
 
 def gather_from_processes(local: np.ndarray, what: str = "their data shards' lengths and labels") -> np.ndarray:

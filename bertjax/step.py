@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bertjax.data.batching import Batch
 from bertjax.models.heads import SequenceClassifier, model_inputs
 
 
@@ -25,17 +26,19 @@ def per_example_loss(logits_BxSxC, labels_BxS, regression: bool):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxSxC, labels_BxS)
 
 
-def _sums(model: SequenceClassifier, params, batch, regression: bool, dropout_key):
+def _sums(model: SequenceClassifier, params, batch: Batch, regression: bool, dropout_key):
   """Sum of per-example losses over real examples, and per-example stats (no averaging yet)."""
   deterministic = dropout_key is None
   rngs = None if deterministic else {"dropout": dropout_key}
-  logits = model.apply({"params": params}, **model_inputs(batch), deterministic=deterministic, rngs=rngs)
-  mask = batch["example_mask"]
-  loss_sum = jnp.sum(per_example_loss(logits, batch["labels"], regression) * mask)
+  fields = batch.fields()
+  logits = model.apply({"params": params}, **model_inputs(fields), deterministic=deterministic, rngs=rngs)
+  mask = fields["example_mask"]
+  labels = fields["labels"] if regression else fields["labels"].astype(jnp.int32)
+  loss_sum = jnp.sum(per_example_loss(logits, labels, regression) * mask)
   if regression:
     correct = jnp.zeros(())
   else:
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * mask)
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
   return loss_sum, (correct, jnp.sum(mask))
 
 
@@ -49,9 +52,9 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
   With `skip_nonfinite`, a step whose loss or gradients are not finite leaves params and optimizer
   state unchanged (the step counter still advances) and reports `skipped` = 1."""
 
-  def train_step(state: TrainState, batch: dict):
+  def train_step(state: TrainState, batch: Batch):
     step_key = jax.random.fold_in(state.rng, state.step)
-    denom = jnp.maximum(jnp.sum(batch["example_mask"]), 1.0)
+    denom = jnp.maximum(jnp.sum(batch.fields()["example_mask"]), 1.0)
 
     def mean_loss(p, b, k):
       loss_sum, aux = _sums(model, p, b, regression, k)
@@ -91,10 +94,12 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
 
 
 def make_eval_step(model: SequenceClassifier) -> Callable:
-  """Per-slot logits of a batch (empty slots included; the caller drops them by example_ids)."""
+  """(per-slot logits [rows, slots, C], per-slot example ids [rows, slots]) of a batch; empty slots have
+  id -1 (the caller drops them)."""
 
-  def eval_step(params, batch: dict):
-    return model.apply({"params": params}, **model_inputs(batch), deterministic=True)
+  def eval_step(params, batch: Batch):
+    fields = batch.fields()
+    return model.apply({"params": params}, **model_inputs(fields), deterministic=True), fields["example_ids"]
 
   return eval_step
 
@@ -114,7 +119,7 @@ class CompiledByShape:
     self.compile_seconds = 0.0
 
   def __call__(self, first, batch):
-    key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+    key = (jax.tree.structure(batch), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(batch)))
     fn = self.executables.get(key)
     if fn is None:
       t = time.perf_counter()

@@ -40,6 +40,29 @@ def _matmul_peak(dtype: str) -> float:
   return _PEAK_FLOPS[dtype]
 
 
+def build_data(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path):
+  """(mesh, model folder, tokenizer, TaskData) of a run: the data read, tokenized (cached in cache_dir) and
+  batched for this process. Labels a resumed run saved in `workdir` keep their ids."""
+  tc = config.train
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  folder = hf_weights.resolve_folder(config.model.name_or_path)
+  base_cfg = from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json"))
+  tokenizer = pipeline.load_tokenizer(folder)
+  eval_batch = tc.eval_batch_size or tc.global_batch_size
+  data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name, size in (("train.global_batch_size", tc.global_batch_size // tc.grad_accum_steps),
+                     ("train.eval_batch_size", eval_batch)):
+    if not config.data.packing and size % data_devices:
+      raise UserError(f"{name} (per accumulation step: {size}) must be a multiple of the {data_devices} devices")
+  data = pipeline.build(
+      config.data, tokenizer, base_cfg, cache_dir, global_batch_size=tc.global_batch_size,
+      eval_batch_size=eval_batch, seed=tc.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      row_multiple=sharding.local_rows_multiple(mesh) * tc.grad_accum_steps,
+      label_names=resume.saved_label_names(workdir), gather=sharding.gather_from_processes)
+  return mesh, folder, tokenizer, data
+
+
 class WriteFailed(Exception):
   """The workdir could not be written (disk full, permissions): reported in one line, exit code 1."""
 
@@ -105,7 +128,8 @@ class Trainer:
     if like is not None:
       self.mesh, self.folder, self.tokenizer, self.data = like.mesh, like.folder, like.tokenizer, like.data
     else:
-      self._build_data(cache_dir or self.workdir / "cache")
+      self.mesh, self.folder, self.tokenizer, self.data = build_data(config, self.workdir,
+                                                                     cache_dir or self.workdir / "cache")
     if like is not None and like.config.train.seed == tc.seed:
       self.loaded = like.loaded
     else:
@@ -134,26 +158,6 @@ class Trainer:
     self.tx, self.schedule = optim.build_optimizer(self.opt_plan, self.opt_plan.hparams, self.loaded.params)
     self.effective_lr = self.opt_plan.hparams["learning_rate"]
     self.setup_seconds = time.perf_counter() - t0
-
-  def _build_data(self, cache_dir: Path) -> None:
-    config, tc = self.config, self.config.train
-    self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    self.folder = hf_weights.resolve_folder(config.model.name_or_path)
-    base_cfg = from_hf_config(hf_weights.read_hf_config(self.folder), str(self.folder / "config.json"))
-    self.tokenizer = pipeline.load_tokenizer(self.folder)
-    saved_labels = resume.saved_label_names(self.workdir)
-    eval_batch = tc.eval_batch_size or tc.global_batch_size
-    data_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    local_devices = sharding.local_rows_multiple(self.mesh)
-    for name, size in (("train.global_batch_size", tc.global_batch_size // tc.grad_accum_steps),
-                       ("train.eval_batch_size", eval_batch)):
-      if not config.data.packing and size % data_devices:
-        raise UserError(f"{name} (per accumulation step: {size}) must be a multiple of the {data_devices} devices")
-    self.data = pipeline.build(
-        config.data, self.tokenizer, base_cfg, cache_dir, global_batch_size=tc.global_batch_size,
-        eval_batch_size=eval_batch, seed=tc.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), row_multiple=local_devices * tc.grad_accum_steps,
-        label_names=saved_labels, gather=sharding.gather_from_processes)
 
   # ----- state (a trial group overrides these) ----------------------------------------------
 
@@ -380,7 +384,7 @@ class Trainer:
       while step < self.total_steps and signalled is None and active():
         batcher = self.data.train.batcher
         real_tokens = batcher.global_real_tokens(epoch)
-        plan_sizes = [len(s) for s in batcher.plan(epoch)]
+        plan_sizes = batcher.examples_per_step(epoch).tolist()
         epoch_len = len(plan_sizes)
         if step_in_epoch >= epoch_len:  # resumed exactly at an epoch's end
           epoch, step_in_epoch = epoch + 1, 0
@@ -394,7 +398,7 @@ class Trainer:
             stats["tokens"] += int(real_tokens[step_in_epoch])
             window["examples"] += plan_sizes[step_in_epoch]
             window["tokens"] += int(real_tokens[step_in_epoch])
-            stats["slots"] += int(np.prod(batch["input_ids"].shape))
+            stats["slots"] += batch.shape[0] * batch.length
             step += 1
             step_in_epoch += 1
             epoch_end = step_in_epoch == epoch_len

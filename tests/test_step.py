@@ -33,7 +33,7 @@ def random_tokens(n, seed=0, max_len=20):
   lengths = rng.integers(3, max_len, n)
   ids = [np.r_[[2], rng.integers(5, 100, l - 2), [3]].astype(np.int32) for l in lengths]
   types = [np.zeros(l, np.int32) for l in lengths]
-  return Tokenized(ids, types, lengths.astype(np.int32), 0), rng.integers(0, 3, n).astype(np.int32)
+  return Tokenized.from_lists(ids, types, 0), rng.integers(0, 3, n).astype(np.int32)
 
 
 def one_step(cfg, batch, accum):
@@ -56,7 +56,7 @@ def test_grad_accumulation_4x8_equals_32(packing):
   cfg = tiny_cfg()
   full, m_full = one_step(cfg, batch, 1)
   accum, m_accum = one_step(cfg, batch, 4)
-  assert float(m_full["examples"]) == float(m_accum["examples"]) == batch["example_mask"].sum() >= 28
+  assert float(m_full["examples"]) == float(m_accum["examples"]) == batch.fields()["example_mask"].sum() >= 28
   np.testing.assert_allclose(float(m_full["loss"]), float(m_accum["loss"]), rtol=1e-6)
   # Adam normalises updates, so compare the gradient-sensitive first moment as well as the params.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), full.params, accum.params)
@@ -68,12 +68,13 @@ def test_partial_batch_loss_is_mean_over_real_examples():
   tokens, labels = random_tokens(5)
   batcher = Batcher(tokens, labels, global_batch_size=8, max_length=32, shuffle=False)
   batch = next(batcher.iterate(0))
-  assert batch["example_mask"].sum() == 5  # 3 empty rows
+  fields = batch.fields()
+  assert fields["example_mask"].sum() == 5  # 3 empty rows
   cfg = tiny_cfg()
   _, metrics = one_step(cfg, batch, 1)
   params = models.init_params(cfg, seed=0)
-  logits = models.SequenceClassifier(cfg).apply({"params": params}, **models.model_inputs(batch))[:5, 0]
-  want = -np.mean(jax.nn.log_softmax(logits)[np.arange(5), batch["labels"][:5, 0]])
+  logits = models.SequenceClassifier(cfg).apply({"params": params}, **models.model_inputs(fields))[:5, 0]
+  want = -np.mean(jax.nn.log_softmax(logits)[np.arange(5), fields["labels"][:5, 0].astype(int)])
   np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
 
 
@@ -88,7 +89,7 @@ def test_evaluator_counts_every_example_and_packing_keeps_logits():
                                            segment_ids=np.ones((1, len(ids)), np.int32),
                                            position_ids=np.arange(len(ids), dtype=np.int32)[None],
                                            cls_index=np.zeros((1, 1), np.int32)))[0, 0]
-                    for ids, t in zip(tokens.ids, tokens.type_ids)])
+                    for ids, t in ((tokens.ids(i), tokens.type_ids(i)) for i in range(37))])
   for packing in (False, True):
     batcher = Batcher(tokens, labels, global_batch_size=8, max_length=32, packing=packing, max_per_row=4,
                       shuffle=False)

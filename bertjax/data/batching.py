@@ -7,19 +7,62 @@ and array shapes without talking to each other; each then materialises only its 
 come from its own shards when it owns num_shards / process_count of them (so it only needs the
 tokens of those). For a given num_shards, the plan does not depend on the number of hosts; packed
 rows per step do depend on the device count (times accumulation steps), to which they are rounded.
+
+A batch is one int32 array (`Batch`), so one transfer per step carries it to the devices; `Batch.fields()`
+names its parts on the host and inside a step. The next epoch is planned in a background thread
+while the current one runs, and a step's arrays are gathered from the flat token buffers with one index
+array, not example by example.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
-from typing import Iterator, Sequence
+import threading
+from typing import Any, Iterator
 
+import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from bertjax.data.packing import Plan, choose_layout, in_batches, merge_shards, pack_stream
 from bertjax.data.tokenize import Tokenized
 from bertjax.errors import UserError
 
-Batch = dict[str, np.ndarray]
+TOKEN_FIELDS = ("input_ids", "token_type_ids", "segment_ids", "position_ids")
+SLOT_FIELDS = ("cls_index", "labels", "example_mask", "example_ids")
+
+
+@flax.struct.dataclass
+class Batch:
+  """One step's rows on a host (numpy) or on the devices (jax): a single int32 array, so that one transfer
+  per step carries it. data[r, k, :length] is token field k of row r (TOKEN_FIELDS); data[r, k, length:] is
+  slot field k (SLOT_FIELDS: each example's first token, its label as a float32 bit pattern, 1 for a real
+  example, its index or -1) for the row's num_slots examples."""
+  data: Any  # int32 [rows, 4, length + num_slots]
+  num_slots: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def length(self) -> int:
+    return self.data.shape[-1] - self.num_slots
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    """(rows, length, slots per row)."""
+    return self.data.shape[0], self.length, self.num_slots
+
+  def fields(self) -> dict:
+    """The named arrays: int32 [rows, length] token fields, and per slot cls_index, labels (float32: class
+    ids or scores), example_mask (float32 1/0) and example_ids."""
+    tokens, slots = self.data[:, :, :self.length], self.data[:, :, self.length:]
+    out = {name: tokens[:, k] for k, name in enumerate(TOKEN_FIELDS)}
+    if isinstance(slots, np.ndarray):
+      labels = np.ascontiguousarray(slots[:, 1]).view(np.float32)
+    else:  # a traced or device array
+      labels = jax.lax.bitcast_convert_type(slots[:, 1], jnp.float32)
+    return {**out, "cls_index": slots[:, 0], "labels": labels, "example_mask": slots[:, 2].astype(np.float32),
+            "example_ids": slots[:, 3]}
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, shard: int | None = None) -> np.ndarray:
@@ -43,61 +86,9 @@ def length_buckets(max_length: int, smallest: int = 16) -> list[int]:
   return buckets + [max_length]
 
 
-def stream_rows(global_batch_size: int, mean_length: float, max_length: int, multiple: int = 1) -> int:
-  """Rows of one packed global step that hold `global_batch_size` examples of the mean length,
-  rounded to the nearest multiple of `multiple` (at least one multiple)."""
-  rows = global_batch_size * mean_length / max_length
-  return max(multiple, multiple * round(rows / multiple))
-
-
-def pack_stream(lengths: np.ndarray, order: Sequence[int], rows: int, max_length: int, max_per_row: int,
-                window: int) -> list[list[list[int]]]:
-  """Packs the example stream `order` into steps of `rows` rows of `max_length` tokens.
-
-  Each step looks at the oldest `window` waiting examples in stream order and puts each one into the
-  fullest row it still fits (best fit); an example that fits nowhere waits for the next step, where it
-  is among the first placed, so no example waits long. Returns rows of example indices per step; every
-  example of `order` appears exactly once, and only the last steps can be partly empty.
-  """
-  lengths = np.asarray(lengths, np.int64)
-  shortest = int(lengths[list(order)].min()) if len(order) else 1
-  steps: list[list[list[int]]] = []
-  waiting: list[int] = []
-  stream = iter(int(i) for i in order)
-  exhausted = False
-  while True:
-    while not exhausted and len(waiting) < window:
-      i = next(stream, None)
-      if i is None:
-        exhausted = True
-      else:
-        waiting.append(i)
-    if not waiting:
-      return steps
-    packed: list[list[int]] = [[] for _ in range(rows)]
-    room = [max_length] * rows  # 0 once a row has max_per_row examples
-    left: list[int] = []
-    for pos, i in enumerate(waiting):
-      need = int(lengths[i])
-      best = -1
-      for r in range(rows):
-        if need <= room[r] and (best < 0 or room[r] < room[best]):
-          best = r
-      if best < 0:
-        left.append(i)
-        continue
-      packed[best].append(i)
-      room[best] = room[best] - need if len(packed[best]) < max_per_row else 0
-      if max(room) < shortest:  # nothing else can fit: keep the rest for the next step
-        left.extend(waiting[pos + 1:])
-        break
-    waiting = left
-    steps.append(packed)
-
-
 def real_tokens(batch: Batch) -> int:
   """Real (non-padding) tokens in a batch."""
-  return int(np.count_nonzero(batch["segment_ids"]))
+  return int(np.count_nonzero(batch.fields()["segment_ids"]))
 
 
 class Batcher:
@@ -105,12 +96,14 @@ class Batcher:
 
   Unpacked: `global_batch_size` examples per step, one per row, rows padded to a length bucket.
   Packed (stream packing): every step has the same shape [rows, row_length], filled from the
-  shuffled example stream (`pack_stream`); row_length is the longest example's length rounded up to 16
-  (at most max_length), and rows are chosen from the mean example length so that
-  `global_batch_size` is the mean number of examples per step, and the number of steps per epoch
-  can differ by a step or two between epochs (`steps_in_epoch`).
-  With several shards, each shard fills rows // num_shards rows of every step; a shard that runs
-  out before the others leaves its rows empty in the epoch's last steps.
+  shuffled example stream (`pack_stream`). `choose_layout` picks the rows the plan fills
+  (plan_rows) and their length from the token lengths and the batch size alone, so that
+  `global_batch_size` is the mean number of examples per step on any device count; the number of steps
+  per epoch can differ by a step or two between epochs (`steps_in_epoch`). The arrays have
+  rows_per_step rows: plan_rows rounded up to a multiple of the devices (times accumulation steps),
+  the extra rows empty.
+  With several shards, each shard fills plan_rows // num_shards of its rows_per_step // num_shards rows
+  of every step; a shard that runs out before the others leaves its rows empty in the epoch's last steps.
   """
 
   def __init__(self, tokenized: Tokenized, labels: np.ndarray | None, *,
@@ -123,7 +116,7 @@ class Batcher:
     token `lengths` (all examples) are given when this host holds only part of it.
     labels: int32 ids or float32 scores per example (all examples), None for unlabelled data.
     row_multiple: rows per host must be a multiple of it (the local device count times the
-    accumulation steps, so rows shard evenly); packed row counts are rounded to it.
+    accumulation steps, so rows shard evenly); packed steps get empty rows up to it.
     lookahead: packed steps choose among the next (examples per step + lookahead) examples.
     drop_remainder: unpacked only (a packed epoch ends when the stream is used up).
     """
@@ -154,7 +147,6 @@ class Batcher:
     self.local_start = local_start
     self.pad_id = tokenized.pad_id  # fills input_ids where segment_ids == 0
     self.labels = labels
-    self.label_dtype = np.float32 if labels is not None and labels.dtype.kind == "f" else np.int32
     self.global_batch_size = global_batch_size
     self.max_length = max_length
     self.packing = packing
@@ -166,59 +158,114 @@ class Batcher:
     self.process_count = process_count
     self.num_shards = num_shards
     self.buckets = length_buckets(max_length)
-    # Packed rows are as long as the longest example, rounded up to 16 tokens (at most max_length):
-    # attention costs each token the row's length, so short texts run faster in shorter rows.
-    self.row_length = min(max_length, -(-max(longest, 1) // 16) * 16) if packing else max_length
+    self.row_multiple = math.lcm(row_multiple * process_count, num_shards)
     if packing:
-      mean = float(self.lengths.mean()) if len(self.lengths) else 1.0
-      multiple = math.lcm(row_multiple * process_count, num_shards)
-      self.rows_per_step = stream_rows(global_batch_size, mean, self.row_length, multiple)
+      # Rows and row length from the lengths and the batch size alone (choose_layout), so the plan
+      # is the same on any device count; the arrays get empty rows up to a multiple of the devices.
+      self.plan_rows, self.row_length = choose_layout(self.lengths, global_batch_size, max_length,
+                                                              self.max_per_row, num_shards, lookahead)
+      self.rows_per_step = -(-self.plan_rows // self.row_multiple) * self.row_multiple
     else:
-      self.rows_per_step = global_batch_size
+      self.plan_rows = self.rows_per_step = global_batch_size
+      self.row_length = max_length
     self.rows_per_host = self.rows_per_step // process_count
     self.rows_per_shard = self.rows_per_step // num_shards
     if packing:
-      self.window = int(np.ceil(self.rows_per_shard * self.row_length / mean)) + lookahead
-    self._cached: tuple[int, list] | None = None  # (epoch, layout) of the last epoch asked for
+      mean = float(self.lengths.mean()) if len(self.lengths) else 1.0
+      self.window = int(np.ceil(self.plan_rows // num_shards * self.row_length / mean)) + lookahead
+    self._lock = threading.Lock()
+    self._plans: dict[int, concurrent.futures.Future] = {}  # the latest epochs' plans (or being planned)
+    self._summaries: dict[int, tuple] = {}  # every planned epoch's per-step counts
 
-  def _shard_steps(self, shard: int, epoch: int) -> list[list[list[int]]]:
-    """Rows (example indices per row) of each step of one shard's block."""
+  # ----- plans ---------------------------------------------------------------------------
+
+  def _shard_plan(self, shard: int, epoch: int) -> Plan:
     start, stop = shard_bounds(len(self.lengths), shard, self.num_shards)
     order = start + epoch_order(stop - start, self.seed, epoch, self.shuffle,
                                 shard if self.num_shards > 1 else None)
-    rows = self.rows_per_shard
     if self.packing:
-      return pack_stream(self.lengths, order, rows, self.row_length, self.max_per_row, self.window)
-    end = len(order) - len(order) % rows if self.drop_remainder else len(order)
-    return [[[int(i)] for i in order[k:k + rows]] for k in range(0, end, rows)]
+      return pack_stream(self.lengths, order, self.plan_rows // self.num_shards, self.row_length,
+                                 self.max_per_row, self.window)
+    return in_batches(order, self.rows_per_shard, self.drop_remainder)
 
-  def _epoch(self, epoch: int) -> list[list[list[int]]]:
-    """Global rows (example indices per row, [] for an empty row) of each step; unpacked rows hold
-    one example."""
-    if self._cached is None or self._cached[0] != epoch:
-      shards = [self._shard_steps(s, epoch) for s in range(self.num_shards)]
-      rows = self.rows_per_shard
-      steps = []
-      count = (min if self.drop_remainder else max)(len(blocks) for blocks in shards)
-      for t in range(count):
-        step: list[list[int]] = []
-        for blocks in shards:
-          block = blocks[t] if t < len(blocks) else []
-          step += block + [[] for _ in range(rows - len(block))]
-        steps.append(step)
-      self._cached = (epoch, steps)
-    return self._cached[1]
+  def _compute(self, epoch: int) -> Plan:
+    plans = [self._shard_plan(s, epoch) for s in range(self.num_shards)]
+    return merge_shards(plans, self.rows_per_shard, self.drop_remainder)
+
+  def _plan(self, epoch: int) -> Plan:
+    """The epoch's plan: computed here, or waited for if `plan_ahead` started it."""
+    with self._lock:
+      future = self._plans.get(epoch)
+      mine = future is None
+      if mine:
+        future = self._plans[epoch] = concurrent.futures.Future()
+        self._forget_old_plans()
+    if mine:
+      try:
+        future.set_result(self._compute(epoch))
+      except BaseException as e:
+        future.set_exception(e)
+    plan = future.result()
+    if epoch not in self._summaries:
+      self._summaries[epoch] = (plan.sizes(), plan.per_step_sum(self.lengths), self._step_lengths(plan))
+    return plan
+
+  def plan_ahead(self, epoch: int) -> None:
+    """Starts planning `epoch` in a background thread (a no-op if it is planned or being planned)."""
+    with self._lock:
+      if epoch in self._plans:
+        return
+      future = self._plans[epoch] = concurrent.futures.Future()
+      self._forget_old_plans()
+
+    def work():
+      try:
+        future.set_result(self._compute(epoch))
+      except BaseException as e:  # re-raised in the thread that asks for the plan
+        future.set_exception(e)
+    threading.Thread(target=work, name=f"plan-epoch-{epoch}", daemon=True).start()
+
+  def _forget_old_plans(self) -> None:
+    """Keeps the few most recent plans (the current epoch's and the next one's), not every epoch's."""
+    while len(self._plans) > 3:
+      oldest = next(e for e, f in self._plans.items() if f.done() or e != max(self._plans))
+      del self._plans[oldest]
+
+  def _step_lengths(self, plan: Plan) -> np.ndarray:
+    """Row length of each step: the packed row length, or the bucket of the step's longest example."""
+    if self.packing:
+      return np.full(plan.num_steps, self.row_length, np.int64)
+    buckets = np.asarray(self.buckets)
+    return buckets[np.searchsorted(buckets, plan.per_step_max(self.lengths))]
+
+  def _summary(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(examples, real tokens, row length) per step, kept for every epoch asked for."""
+    if epoch not in self._summaries:
+      self._plan(epoch)
+    return self._summaries[epoch]
 
   def plan(self, epoch: int) -> list[list[int]]:
     """Global example indices of each step of an epoch (rows in order, host 0's rows first)."""
-    return [[i for row in step for i in row] for step in self._epoch(epoch)]
+    return self._plan(epoch).step_lists()
 
   def steps_in_epoch(self, epoch: int) -> int:
-    return len(self._epoch(epoch))
+    return len(self._summary(epoch)[0])
 
   def steps_per_epoch(self) -> int:
     """Steps of epoch 0: exact when unpacked, within a step or two of every epoch when packed."""
     return self.steps_in_epoch(0)
+
+  def examples_per_step(self, epoch: int) -> np.ndarray:
+    """Examples (all hosts) in each step of an epoch."""
+    return self._summary(epoch)[0]
+
+  def global_real_tokens(self, epoch: int) -> np.ndarray:
+    """Real tokens per global step (all hosts), for tokens/sec."""
+    return self._summary(epoch)[1]
+
+  def step_shapes(self, epoch: int) -> list[tuple[int, int]]:
+    """(rows, length) of this host's batch in each step of an epoch, without building the arrays."""
+    return [(self.rows_per_host, int(n)) for n in self._summary(epoch)[2]]
 
   def shapes(self) -> list[tuple[int, int, int]]:
     """Every (rows, length, slots per row) a batch of this host can have."""
@@ -226,64 +273,71 @@ class Batcher:
       return [(self.rows_per_host, self.row_length, self.max_per_row)]
     return [(self.rows_per_host, b, 1) for b in self.buckets]
 
-  def _layout(self, step: list[list[int]]) -> tuple[list[list[int]], int, int]:
-    """This host's rows (example indices per row) and the step's (rows, length)."""
-    start = self.rows_per_host * self.process_index
-    mine = step[start:start + self.rows_per_host]
-    if self.packing:
-      return mine, self.rows_per_host, self.row_length
-    longest = int(max(self.lengths[row[0]] for row in step if row))
-    return mine, self.rows_per_host, next(b for b in self.buckets if b >= longest)
-
-  def _materialise(self, rows_ex: list[list[int]], rows: int, length: int) -> Batch:
-    slots = self.max_per_row
-    tok = self.tokenized
-    batch = {
-        "input_ids": np.full((rows, length), tok.pad_id, np.int32),
-        "token_type_ids": np.zeros((rows, length), np.int32),
-        "segment_ids": np.zeros((rows, length), np.int32),
-        "position_ids": np.zeros((rows, length), np.int32),
-        "cls_index": np.zeros((rows, slots), np.int32),
-        "labels": np.zeros((rows, slots), self.label_dtype),
-        "example_mask": np.zeros((rows, slots), np.float32),
-        "example_ids": np.full((rows, slots), -1, np.int32),
-    }
-    for r, examples in enumerate(rows_ex):
-      start = 0
-      for k, i in enumerate(examples):
-        n = int(self.lengths[i])
-        end = start + n
-        local = i - self.local_start
-        if not 0 <= local < len(tok):
-          raise RuntimeError(f"example {i} is not among this host's examples "
-                             f"[{self.local_start}, {self.local_start + len(tok)})")
-        batch["input_ids"][r, start:end] = tok.ids[local]
-        batch["token_type_ids"][r, start:end] = tok.type_ids[local]
-        batch["segment_ids"][r, start:end] = k + 1
-        batch["position_ids"][r, start:end] = np.arange(n)
-        batch["cls_index"][r, k] = start
-        if self.labels is not None:
-          batch["labels"][r, k] = self.labels[i]
-        batch["example_mask"][r, k] = 1.0
-        batch["example_ids"][r, k] = i
-        start = end
-    return batch
+  # ----- batches --------------------------------------------------------------------------
 
   def iterate(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-    """This host's batches of an epoch, from start_step (to resume mid-epoch)."""
-    for step in self._epoch(epoch)[start_step:]:
-      yield self._materialise(*self._layout(step))
+    """This host's batches of an epoch, from start_step (to resume mid-epoch); the next epoch is planned
+    meanwhile. Runs of steps with the same shape are built together, up to ~64k tokens at a time."""
+    plan = self._plan(epoch)
+    lengths = self._summary(epoch)[2]
+    self.plan_ahead(epoch + 1)
+    step = start_step
+    while step < plan.num_steps:
+      length = int(lengths[step])
+      stop = step + 1
+      most = step + max(1, 2 ** 16 // (self.rows_per_host * length))
+      while stop < min(most, plan.num_steps) and lengths[stop] == length:
+        stop += 1
+      data = self._materialise(plan, step, stop, length)
+      for k in range(stop - step):
+        yield Batch(data[k], self.max_per_row)
+      step = stop
 
-  def step_shapes(self, epoch: int) -> list[tuple[int, int]]:
-    """(rows, length) of each step of an epoch, without building the arrays."""
-    return [self._layout(step)[1:] for step in self._epoch(epoch)]
-
-  def global_real_tokens(self, epoch: int) -> np.ndarray:
-    """Real tokens per global step (all hosts), for tokens/sec."""
-    return np.array([int(self.lengths[step].sum()) for step in self.plan(epoch)], np.int64)
+  def _materialise(self, plan: Plan, first: int, stop: int, length: int) -> np.ndarray:
+    """This host's rows of steps [first, stop), all of row length `length`, as Batch data
+    [steps, rows, 4, length + max_per_row], gathered from the flat token buffers with one index array."""
+    lo, hi = plan.bounds[first], plan.bounds[stop]
+    rows_per_host, first_row = self.rows_per_host, self.rows_per_host * self.process_index
+    rows = plan.rows[lo:hi] - first_row
+    mine = (rows >= 0) & (rows < rows_per_host)
+    step_of = np.repeat(np.arange(stop - first), np.diff(plan.bounds[first:stop + 1]))[mine]
+    rows = step_of * rows_per_host + rows[mine]  # row among all the steps' rows
+    examples, slots = plan.examples[lo:hi][mine], plan.slots[lo:hi][mine]
+    tok = self.tokenized
+    local = examples - self.local_start
+    if len(local) and (local.min() < 0 or local.max() >= len(tok)):
+      bad = int(examples[(local < 0) | (local >= len(tok))][0])
+      raise RuntimeError(f"example {bad} is not among this host's examples "
+                         f"[{self.local_start}, {self.local_start + len(tok)})")
+    n = self.lengths[examples]
+    before = np.cumsum(n) - n  # tokens of the earlier examples (a row's examples are consecutive)
+    row_start = np.maximum.accumulate(np.where(slots == 0, np.arange(len(n)), 0)) if len(n) else n
+    start = before - before[row_start]  # each example's first token within its row
+    token_example = np.repeat(np.arange(len(n)), n)
+    within = np.arange(int(n.sum())) - before[token_example]  # position within the example
+    width = length + self.max_per_row
+    plane = 4 * width  # one row's int32s: 4 fields of `width`
+    target = (rows * plane + start)[token_example] + within  # in the input-id field, flattened
+    source = tok.offsets[local][token_example] + within
+    steps = stop - first
+    data = np.zeros((steps, rows_per_host, 4, width), np.int32)
+    data[:, :, 0, :length] = self.pad_id
+    data[:, :, 3, length:] = -1
+    flat = data.reshape(-1)
+    flat[target] = tok.flat_ids[source]
+    flat[target + width] = tok.flat_type_ids[source]
+    flat[target + 2 * width] = slots[token_example] + 1
+    flat[target + 3 * width] = within
+    slot = rows * plane + length + slots  # in the first slot field, flattened
+    flat[slot] = start
+    if self.labels is not None:
+      flat[slot + width] = self.labels[examples].astype(np.float32).view(np.int32)
+    flat[slot + 2 * width] = 1
+    flat[slot + 3 * width] = examples
+    return data
 
   def padding_fraction(self, epoch: int = 0) -> float:
     """Share of the epoch's token slots (all hosts) that hold padding."""
     real = int(self.global_real_tokens(epoch).sum())
-    slots = sum(r * l for r, l in self.step_shapes(epoch)) * self.process_count
+    slots = int(self._summary(epoch)[2].sum()) * self.rows_per_step
     return 1.0 - real / slots if slots else 0.0

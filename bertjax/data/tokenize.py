@@ -26,14 +26,41 @@ _CACHE_VERSION = 1  # bump when the cached arrays change meaning
 
 @dataclasses.dataclass(frozen=True)
 class Tokenized:
-  """Per-example token ids with special tokens, their token types and lengths."""
-  ids: list[np.ndarray]       # int32 [length_i]
-  type_ids: list[np.ndarray]  # int32 [length_i]
-  lengths: np.ndarray         # int32 [N]
+  """Every example's token ids (with special tokens) and token types, in two flat buffers: example i is
+  `flat_ids[offsets[i]:offsets[i + 1]]`. Batches are gathered from the buffers with one index array per
+  step (bertjax.data.batching), not example by example."""
+  flat_ids: np.ndarray       # int32 [total tokens]
+  flat_type_ids: np.ndarray  # int32 [total tokens]
+  lengths: np.ndarray        # int32 [N]
   pad_id: int
+  offsets: np.ndarray = dataclasses.field(init=False, repr=False)  # int64 [N + 1]
+
+  def __post_init__(self):
+    offsets = np.zeros(len(self.lengths) + 1, np.int64)
+    np.cumsum(self.lengths, out=offsets[1:])
+    if offsets[-1] != len(self.flat_ids) or len(self.flat_ids) != len(self.flat_type_ids):
+      raise ValueError(f"{len(self.flat_ids)} ids and {len(self.flat_type_ids)} token types for "
+                       f"{int(offsets[-1])} tokens")
+    object.__setattr__(self, "offsets", offsets)
+
+  @classmethod
+  def from_lists(cls, ids: Sequence[np.ndarray], type_ids: Sequence[np.ndarray], pad_id: int) -> "Tokenized":
+    lengths = np.fromiter(map(len, ids), np.int32, len(ids))
+    return cls(_flat(ids), _flat(type_ids), lengths, pad_id)
 
   def __len__(self) -> int:
-    return len(self.ids)
+    return len(self.lengths)
+
+  def ids(self, i: int) -> np.ndarray:
+    return self.flat_ids[self.offsets[i]:self.offsets[i + 1]]
+
+  def type_ids(self, i: int) -> np.ndarray:
+    return self.flat_type_ids[self.offsets[i]:self.offsets[i + 1]]
+
+  def select(self, start: int, stop: int) -> "Tokenized":
+    """Examples [start, stop) (e.g. one host's shard)."""
+    lo, hi = self.offsets[start], self.offsets[stop]
+    return Tokenized(self.flat_ids[lo:hi], self.flat_type_ids[lo:hi], self.lengths[start:stop], self.pad_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +159,8 @@ def tokenize(tokenizer: Any, examples: Examples, max_length: int, truncation: st
   """Token ids with special tokens, truncated to max_length tokens in total."""
   if not examples.texts:
     if examples.total:  # an empty shard of a non-empty source (more shards than rows)
-      return Tokenized([], [], np.zeros(0, np.int32), tokenizer.pad_token_id or 0)
+      empty = np.zeros(0, np.int32)
+      return Tokenized(empty, empty, empty, tokenizer.pad_token_id or 0)
     raise UserError(f"{examples.source}: no examples to tokenize")
   num_texts = len(examples.texts[0])
   template = special_template(tokenizer)
@@ -153,21 +181,30 @@ def tokenize(tokenizer: Any, examples: Examples, max_length: int, truncation: st
   if enc_b is None:
     prefix, suffix = template.single
     for tokens, k in zip(enc_a, keep_a.tolist()):
-      ids.append(np.array(prefix + tokens[:k] + suffix, np.int32))
-    type_ids = [np.zeros(len(x), np.int32) for x in ids]
+      ids += prefix
+      ids += tokens[:k]
+      ids += suffix
+    lengths = (keep_a + len(prefix) + len(suffix)).astype(np.int32)
+    type_ids = np.zeros(len(ids), np.int32)
   else:
     prefix, middle, suffix = template.pair
     t_prefix, t_middle, t_suffix = template.pair_types
     for a, b, ka, kb in zip(enc_a, enc_b, keep_a.tolist(), keep_b.tolist()):
-      ids.append(np.array(prefix + a[:ka] + middle + b[:kb] + suffix, np.int32))
+      ids += prefix
+      ids += a[:ka]
+      ids += middle
+      ids += b[:kb]
+      ids += suffix
       if use_token_types:
-        types = t_prefix + [template.type_a] * ka + t_middle + [template.type_b] * kb + t_suffix
-        type_ids.append(np.array(types, np.int32))
-      else:
-        type_ids.append(np.zeros(len(ids[-1]), np.int32))
-  lengths = np.fromiter(map(len, ids), np.int32, len(ids))
+        type_ids += t_prefix
+        type_ids += [template.type_a] * ka
+        type_ids += t_middle
+        type_ids += [template.type_b] * kb
+        type_ids += t_suffix
+    lengths = (keep_a + keep_b + len(prefix) + len(middle) + len(suffix)).astype(np.int32)
+    type_ids = np.array(type_ids, np.int32) if use_token_types else np.zeros(len(ids), np.int32)
   pad_id = tokenizer.pad_token_id
-  return Tokenized(ids, type_ids, lengths, 0 if pad_id is None else int(pad_id))
+  return Tokenized(np.array(ids, np.int32), type_ids, lengths, 0 if pad_id is None else int(pad_id))
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -222,8 +259,8 @@ def _save(path: Path, tokenized: Tokenized) -> None:
   fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
   try:
     with os.fdopen(fd, "wb") as f:
-      np.savez(f, ids=_flat(tokenized.ids), type_ids=_flat(tokenized.type_ids),
-               lengths=tokenized.lengths, pad_id=np.int32(tokenized.pad_id))
+      np.savez(f, ids=tokenized.flat_ids, type_ids=tokenized.flat_type_ids, lengths=tokenized.lengths,
+               pad_id=np.int32(tokenized.pad_id))
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -236,8 +273,4 @@ def _flat(arrays: list[np.ndarray]) -> np.ndarray:
 
 def _load(path: Path) -> Tokenized:
   with np.load(path) as data:
-    lengths = data["lengths"]
-    splits = np.cumsum(lengths)[:-1]
-    ids = np.split(data["ids"], splits)
-    type_ids = np.split(data["type_ids"], splits)
-    return Tokenized(ids, type_ids, lengths, int(data["pad_id"]))
+    return Tokenized(data["ids"], data["type_ids"], data["lengths"], int(data["pad_id"]))
