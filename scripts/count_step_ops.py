@@ -49,7 +49,7 @@ def main():
   stacked = jax.tree.map(lambda x: jnp.stack([x] * args.k), state)
   for name, fn, st in (("1 trial", one, state), (f"{args.k} trials vmapped", group, stacked)):
     print(f"{name}: {top_level_ops(jax.jit(fn).lower(st, batch).compile().as_text())} top-level ops "
-          f"(batch {list(batch['input_ids'].shape)})")
+          f"(batch {list(batch.shape[:2])})")
 
 
 if __name__ == "__main__":
