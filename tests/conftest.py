@@ -1,10 +1,16 @@
 """Shared fixtures: tiny random Hugging Face checkpoints of each family, built with transformers + torch."""
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The tests and every process they start (which inherit this environment) run on jax's CPU devices, also on a
+# host with GPUs: the multi-process tests would otherwise each grab every GPU.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
