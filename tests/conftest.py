@@ -12,6 +12,13 @@ import pytest
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _peak_cache(tmp_path_factory):
+  """The matmul peak the runs of the tests measure (on a busy machine) goes to a file of their own, not the
+  machine's ~/.cache/bertjax/peak.json that later real runs would reuse."""
+  os.environ["BERTJAX_PEAK_CACHE"] = str(tmp_path_factory.mktemp("peak") / "peak.json")
+
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
