@@ -1,8 +1,8 @@
 """The matmul peak that MFU divides by: the vendor's dense figure for an accelerator of a known kind, else
 measured on this machine once and cached (docs/gpu.md, "MFU and the peak").
 
-A single timed product is mostly dispatch on a GPU (an 8192^3 bf16 product takes about a millisecond on an
-H100), which would put MFU 2-3x too high; so the measurement chains products in one jitted loop, each the
+A single timed product is mostly dispatch on a GPU (a 2048^3 one takes about 17 us at an H100's bf16 peak),
+which would put MFU 2-3x too high; so the measurement chains products in one jitted loop, each the
 previous result times a fixed matrix (XLA can neither hoist nor skip one), and times the loop for at least
 `min_seconds`, best of a few. The figure is kept in ~/.cache/bertjax/peak.json (XDG_CACHE_HOME, or the file
 BERTJAX_PEAK_CACHE names) per backend, device kind, CPU model and cores, operand dtype and jax version, so runs
