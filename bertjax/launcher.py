@@ -201,8 +201,8 @@ def check_device_counts(layout: TaskLayout, local: int, total: int, backend: str
                         expected_devices: int | None = None) -> None:
   """Refuses, in one line, a process whose devices differ from what the job asked for (`expected_devices`:
   the run's total from --expected_devices, for launchers this module cannot read)."""
-  hint = (" (jax found no GPU: is its CUDA plugin installed, e.g. pip install 'jax[cuda12]'?)"
-          if backend == "cpu" and layout.expected_local else "")
+  hint = (" (jax found no GPU: is its CUDA plugin installed, e.g. pip install 'jax[cuda12]'? JAX_PLATFORMS=cpu "
+          "trains on the CPU)" if backend == "cpu" and layout.expected_local else "")
   if layout.expected_local is not None and local != layout.expected_local:
     raise UserError(f"process {layout.process_id} has {local} {backend} devices but its task was given "
                     f"{layout.expected_local} GPUs ({layout.source}){hint}")

@@ -10,6 +10,7 @@ after the first do not measure; a corrupt cache is rebuilt. Delete the file to m
 machine during the measurement lowers the figure: its load average is recorded with it).
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -144,18 +145,37 @@ def cached_measurement(dtype: str, path: Path | None = None) -> tuple[float, str
   half the cores); other work on the machine lowers the figure, hence the load average kept with it."""
   path = path or cache_file()
   key = _cache_key(dtype)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path.with_suffix(".lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  with _locked(path):
     entries = _read(path)
     if key not in entries:
       load = os.getloadavg()[0]
       entries[key] = {"flops_per_device": measure_matmul_peak(dtype),
                       "measured": f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.1f}"}
       tmp = path.with_suffix(f".{os.getpid()}.tmp")
-      tmp.write_text(json.dumps(entries, indent=1))
-      os.replace(tmp, path)
+      try:
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, path)
+      except OSError:  # a read-only cache folder costs a measurement per process, not the run's summary
+        pass
   return entries[key]["flops_per_device"], entries[key]["measured"]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+  """An exclusive lock on the cache's lock file while the block runs; none where it cannot be had (a read-only
+  folder, a filesystem without locks)."""
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path.with_suffix(".lock"), "w")
+  except OSError:
+    yield
+    return
+  with lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError:
+      pass
+    yield
 
 
 def run_peak(dtype: str, path: Path | None = None) -> Peak:

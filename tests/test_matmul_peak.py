@@ -107,3 +107,9 @@ def test_measured_loop_is_near_a_plain_product_timed_longer():
     count += 1
   plain = 2.0 * n ** 3 * count / (time.perf_counter() - t0)
   assert 0.5 < loop / plain < 2.0, (loop, plain)
+
+
+def test_an_unwritable_cache_still_gives_the_peak(measured, tmp_path):
+  (tmp_path / "file").write_text("")
+  path = tmp_path / "file" / "peak.json"  # its folder is a file: nothing can be written there
+  assert matmul_peak.run_peak("float32", path).flops == 1e11 and measured == ["float32"]
