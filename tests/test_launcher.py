@@ -75,6 +75,13 @@ def test_two_nodes_of_eight_single_gpu_tasks(recorded, monkeypatch):
   assert (layout.expected_local, layout.expected_global) == (1, 16)
 
 
+def test_tasks_per_node_from_the_task_and_node_counts(recorded, monkeypatch):
+  """No tasks-per-node variable: SLURM_NTASKS over SLURM_STEP_NUM_NODES."""
+  slurm(monkeypatch, 16, 13, 5, nodeid=1, SLURM_STEP_NUM_NODES="2", CUDA_VISIBLE_DEVICES=EIGHT)
+  layout = start()
+  assert recorded[0]["local_device_ids"] == [5] and (layout.expected_local, layout.expected_global) == (1, 16)
+
+
 def test_two_tasks_per_node_split_the_gpus_in_halves(recorded, monkeypatch):
   slurm(monkeypatch, 4, 3, 1, nodeid=1, SLURM_NTASKS_PER_NODE="2", CUDA_VISIBLE_DEVICES=EIGHT)
   layout = start()
