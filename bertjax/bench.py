@@ -17,7 +17,8 @@ When bertjax's products take bfloat16 operands (`model.matmul_dtype`, `auto` on 
 AVX512-BF16), torch runs twice per block, in float32 and under torch.autocast(bfloat16) (the Trainer's
 bf16=True), each with its own model and optimizer, and each ratio is against torch's faster precision
 (`--peer_dtypes` chooses). MFU uses `bertjax.flops` and the float32 matmul peak measured by the
-bertjax worker in the same run; `mfu_own_dtype` divides by the peak of each side's operand dtype.
+bertjax worker in the same run (`bertjax.matmul_peak.measure_matmul_peak`, not the trainer's cached
+figure); `mfu_own_dtype` divides by the peak of each side's operand dtype.
 `--profile` adds where a bertjax step's time goes (step variants timed on one fixed batch).
 """
 
@@ -104,7 +105,7 @@ def _batches(batcher, positions: list[tuple[int, int]]):
 
 def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   import jax
-  from bertjax import flops, sharding
+  from bertjax import flops, matmul_peak, sharding
   from bertjax.data.prefetch import Prefetch
   from bertjax.evaluate import Evaluator
   from bertjax.step import CompiledByShape, make_train_step
@@ -147,7 +148,9 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   eval_split = tr.data.eval if FLAGS.eval else None
   if eval_split is not None:
     evaluator.logits(state.params, eval_split.batcher, len(eval_split.labels))  # compiles
-  peaks = lambda: {dtype: flops.measure_matmul_peak(dtype=dtype) for dtype in ("float32", "bfloat16")}
+  # Measured afresh in this run (not the trainer's cached or vendor figure): the sides are compared as they ran.
+  peaks = lambda: {dtype: matmul_peak.measure_matmul_peak(dtype) * matmul_peak.devices_sharing_peak()
+                   for dtype in ("float32", "bfloat16")}
   peak = peaks()
 
   def train(block: int) -> dict:

@@ -5,6 +5,7 @@ import time
 
 from bertjax import flops
 from bertjax.data import pipeline
+from bertjax.matmul_peak import Peak
 
 
 def eval_scalars(result: dict, regression: bool) -> dict:
@@ -32,10 +33,11 @@ def best_entry(step: int, scalars: dict) -> dict:
   return entry
 
 
-def make_summary(trainer, member, step: int, epochs_completed: float, stats: dict, peak_flops: float,
+def make_summary(trainer, member, step: int, epochs_completed: float, stats: dict, peak: Peak,
                  compiled: tuple[int, float], done: bool, stopped_by: str | None) -> dict:
   """`trainer`: the (lead) Trainer, for data and model; `member`: the run summarised (its config,
-  best and last eval); `compiled`: (number of compilations, seconds spent compiling)."""
+  best and last eval); `peak`: the matmul peak MFU divides by; `compiled`: (number of compilations,
+  seconds spent compiling)."""
   seconds = max(stats["train_seconds"], 1e-9)
   tokens_per_sec = stats["tokens"] / seconds
   # FLOPs per real token of this dataset (mean over the train set), times the measured token rate.
@@ -57,11 +59,12 @@ def make_summary(trainer, member, step: int, epochs_completed: float, stats: dic
       "train_examples_per_sec": stats["examples"] / seconds,
       "train_tokens_per_sec": tokens_per_sec,
       "padding_fraction": 1.0 - stats["tokens"] / max(stats["slots"], 1),
-      "mfu": tokens_per_sec * flops_per_token / peak_flops,
-      "mfu_method": "train FLOPs of real tokens (3x forward, attention within each example) / measured "
-                    f"matmul peak of this machine ({trainer.matmul_dtype} operands, float32 sums)",
+      "mfu": tokens_per_sec * flops_per_token / peak.flops,
+      "mfu_method": "train FLOPs of real tokens (3x forward, attention within each example) / matmul peak "
+                    f"of the run's devices ({trainer.matmul_dtype} operands, float32 sums; see mfu_peak_source)",
+      "mfu_peak_source": peak.source,
       "matmul_dtype": trainer.matmul_dtype,
-      "matmul_peak_flops": peak_flops,
+      "matmul_peak_flops": peak.flops,
       "num_compilations": compiled[0],
       "compile_seconds": compiled[1],
       "input_wait_fraction": stats["wait_seconds"] / seconds,

@@ -1,6 +1,5 @@
-"""Device mesh from the config, the partition rule for params, and multi-host initialisation."""
-
-import os
+"""Device mesh from the config, the partition rule for params, global batches and what processes exchange
+(the multi-process start is bertjax.launcher)."""
 
 import numpy as np
 import jax
@@ -100,25 +99,3 @@ def _peer_gone(e: Exception) -> bool:
 def local_rows_multiple(mesh: Mesh) -> int:
   """Rows per host must split evenly over this host's devices."""
   return max(1, len(mesh.local_devices))
-
-
-def _cluster_env() -> bool:
-  """True under a launcher JAX can read its topology from (SLURM, Open MPI, explicit JAX_* vars)."""
-  env = os.environ
-  return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-          or "JAX_COORDINATOR_ADDRESS" in env)
-
-
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
-                           heartbeat_timeout: int = 30) -> None:
-  """jax.distributed from explicit flags, or from the cluster environment JAX detects; a no-op for
-  a single process. A short heartbeat makes survivors of a dead process fail instead of hanging."""
-  explicit = coordinator_address is not None or num_processes is not None or process_id is not None
-  if explicit:
-    if None in (coordinator_address, num_processes, process_id):
-      raise UserError("--coordinator_address, --num_processes and --process_id go together")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout,
-                               initialization_timeout=120)
-  elif _cluster_env():
-    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from bertjax import checkpoint as ckpt_lib
-from bertjax import flops, optim, plot, resume, run_log, run_summary, sharding
+from bertjax import matmul_peak, optim, plot, resume, run_log, run_summary, sharding
 from bertjax import workdir as workdir_lib
 from bertjax.data import pipeline
 from bertjax.data.prefetch import Prefetch
@@ -28,16 +28,6 @@ from bertjax.models.config import from_hf_config, resolve_dtypes
 from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, TrainState, make_train_step
 from bertjax.stop_signal import StopSignal
-
-
-_PEAK_FLOPS: dict[str, float] = {}  # the machine's matmul peak per operand dtype, measured once per process
-
-
-def _matmul_peak(dtype: str) -> float:
-  """The matmul peak that MFU divides by, at the run's operand dtype (a sweep's trials share it)."""
-  if dtype not in _PEAK_FLOPS:
-    _PEAK_FLOPS[dtype] = flops.measure_matmul_peak(dtype=dtype)
-  return _PEAK_FLOPS[dtype]
 
 
 def build_data(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path):
@@ -480,7 +470,7 @@ class Trainer:
   def _write_summary(self, member: Member, step, epochs_completed, stats, evaluator, train_step, done=False,
                      stopped_by=None) -> dict:
     """Writes the member's summary.json (not for a failed member, as a run that raised writes none)."""
-    compiled, peak = self._compiled(train_step, evaluator), _matmul_peak(self.matmul_dtype)
+    compiled, peak = self._compiled(train_step, evaluator), matmul_peak.run_peak(self.matmul_dtype)
     summary = {**run_summary.make_summary(self, member, step, epochs_completed, stats, peak, compiled, done,
                                           stopped_by), **self._summary_extra(member)}
     if member.error:

@@ -1,10 +1,23 @@
 """Shared fixtures: tiny random Hugging Face checkpoints of each family, built with transformers + torch."""
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The tests and every process they start (which inherit this environment) run on jax's CPU devices, also on a
+# host with GPUs: the multi-process tests would otherwise each grab every GPU.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _peak_cache(tmp_path_factory):
+  """The matmul peak the runs of the tests measure (on a busy machine) goes to a file of their own, not the
+  machine's ~/.cache/bertjax/peak.json that later real runs would reuse."""
+  os.environ["BERTJAX_PEAK_CACHE"] = str(tmp_path_factory.mktemp("peak") / "peak.json")
+
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

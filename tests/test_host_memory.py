@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from bertjax import host_memory
+
 STEPS = r"""
 import resource
 from bertjax.host_memory import keep_freed_memory
@@ -46,3 +48,37 @@ def test_steps_stop_page_faulting():
   assert applied == "True" and faults < 500, faults
   applied, faults = median_faults_per_step("0")  # glibc's default: the 47 MB are mapped anew every step
   assert applied == "False" and faults > 5000, faults
+
+
+@pytest.mark.parametrize("platforms,plugins,cpu", [
+    ("cpu", ["jax_plugins.xla_cuda12"], True),  # pinned to cpu: a plugin is not loaded
+    ("cuda", [], False), ("cpu,cuda", [], False), ("tpu", [], False),
+    ("", [], True), ("", ["jax_plugins.xla_cuda12"], False),
+])
+def test_backend_decision_from_jax_platforms_and_plugins(monkeypatch, platforms, plugins, cpu):
+  monkeypatch.setattr(host_memory, "accelerator_plugins", lambda env: plugins)
+  assert host_memory.backend_is_cpu({"JAX_PLATFORMS": platforms}) is cpu
+
+
+def test_accelerator_plugins_found_as_jax_finds_them(tmp_path, monkeypatch):
+  """A module under the jax_plugins namespace package, an entry point in the jax_plugins group, libtpu's
+  TPU_LIBRARY_PATH: each counts, none of them imported."""
+  assert host_memory.accelerator_plugins({}) == []  # this venv: jax's CPU backend only
+  (tmp_path / "ns" / "jax_plugins" / "xla_cuda12").mkdir(parents=True)
+  (tmp_path / "ns" / "jax_plugins" / "xla_cuda12" / "__init__.py").write_text("raise RuntimeError('imported')\n")
+  dist = tmp_path / "ep" / "fake_rocm_plugin-1.0.dist-info"
+  dist.mkdir(parents=True)
+  (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-rocm-plugin\nVersion: 1.0\n")
+  (dist / "entry_points.txt").write_text("[jax_plugins]\nxla_rocm7 = jax_plugins.xla_rocm7\n")
+  monkeypatch.syspath_prepend(str(tmp_path / "ep"))
+  assert host_memory.accelerator_plugins({}) == ["jax_plugins.xla_rocm7"]
+  monkeypatch.syspath_prepend(str(tmp_path / "ns"))
+  assert host_memory.accelerator_plugins({}) == ["jax_plugins.xla_cuda12", "jax_plugins.xla_rocm7"]
+  assert host_memory.accelerator_plugins({"TPU_LIBRARY_PATH": "/opt/libtpu.so"})[-1] == "libtpu"
+  assert not host_memory.backend_is_cpu({})
+
+
+def test_keep_freed_memory_does_nothing_for_an_accelerator(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  monkeypatch.delenv("BERTJAX_KEEP_FREED_MEMORY", raising=False)
+  assert host_memory.keep_freed_memory() is False

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from bertjax import checkpoint, run_log, sweep, sweep_results, sweep_spec, trainer
+from bertjax import checkpoint, matmul_peak, run_log, sweep, sweep_results, sweep_spec, trainer
 from bertjax.errors import UserError
 from conftest import demo_setup
 from test_train import demo_config
@@ -54,7 +54,7 @@ def fast_trials(setup):
   jax.config.update("jax_compilation_cache_dir", str(setup[0] / "xla"))
   compilation_cache.reset_cache()
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(trainer, "_PEAK_FLOPS", {"float32": 1e11, "bfloat16": 1e11})  # restored afterwards
+    patch.setattr(matmul_peak, "run_peak", lambda dtype: matmul_peak.Peak(1e11, "test"))  # restored afterwards
 
     yield
   jax.config.update("jax_compilation_cache_dir", old)
