@@ -116,7 +116,7 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   state, _ = tr._init_state()
   bs = sharding.batch_sharding(tr.mesh)
   step_fn = CompiledByShape(jax.jit(
-      make_train_step(tr.model, tr.tx, tr.schedule, tr.regression, tc.grad_accum_steps,
+      make_train_step(tr.model, tr.tx, tr.schedule, tr.regression, tr.grad_accum_steps,
                       tc.get("skip_nonfinite_steps", False)),
       in_shardings=(tr.state_shardings, bs), out_shardings=(tr.state_shardings, None), donate_argnums=(0,)),
       "train step")
@@ -206,7 +206,7 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
       times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)
 
-  cfg, reg, accum = tr.model_cfg, tr.regression, tr.config.train.grad_accum_steps
+  cfg, reg, accum = tr.model_cfg, tr.regression, tr.grad_accum_steps
   quiet = SequenceClassifier(cfg.replace(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0))
   key = jax.random.fold_in(state.rng, 0)
   grad = lambda model, k: jax.jit(jax.value_and_grad(lambda p: _sums(model, p, batch, reg, k)[0]))

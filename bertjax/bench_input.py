@@ -35,7 +35,7 @@ def measure(config, workdir: Path, epochs: int = 3, repeats: int = 3) -> dict:
   from bertjax.trainer import build_data
 
   t = time.perf_counter()
-  mesh, _, _, data = build_data(config, workdir, workdir / "cache")
+  mesh, _, _, data, _ = build_data(config, workdir, workdir / "cache")
   setup_seconds = time.perf_counter() - t
   batcher = data.train.batcher
   batch_sharding = sharding.batch_sharding(mesh)

@@ -47,7 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batch_size=0,  # 0 = global_batch_size
       num_epochs=3.0,
       max_steps=0,  # 0 = from num_epochs
-      grad_accum_steps=1,
+      # micro-batches per step, the same gradient: auto (none on GPU/TPU; on a CPU, micro-batches that stay
+      # in the caches, bertjax.step.auto_accumulation) or a positive integer that divides the batch
+      grad_accum_steps=ml_collections.FieldReference("auto", field_type=object),
       eval_every_steps=0,  # 0 = each epoch
       log_every_steps=50,
       checkpoint_every_steps=0,  # 0 = at each eval and at the end

@@ -240,9 +240,7 @@ def plan_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, global_batc
   hparams["clip_norm"] = _number(cfg, "clip_norm", 0.0)
   if int(total_steps) < 1:
     raise UserError(f"total training steps must be >= 1, got {total_steps}")
-  base_batch_size = 1
-  if scaling != "none":
-    base_batch_size = int(_number(cfg, "base_batch_size", 0.0, low_open=True))
+  base_batch_size = _number(cfg, "base_batch_size", 1.0)  # the batch the recipe's learning rate was tuned for
   hparams["learning_rate"] = scaled_learning_rate(learning_rate, scaling, global_batch_size, base_batch_size)
   hparams["warmup_steps"] = int(round(warmup_fraction * total_steps))
   return OptimizerPlan(name, kind, layer_decay, int(total_steps), hparams)

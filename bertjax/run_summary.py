@@ -86,6 +86,16 @@ def _layout(batcher) -> str:
   return f"packed, {batcher.rows_per_step} rows of {batcher.row_length} tokens{extra}"
 
 
+def _accumulation(trainer) -> str:
+  steps, batcher = trainer.grad_accum_steps, trainer.data.train.batcher
+  how = " (auto)" if trainer.config.train.grad_accum_steps == "auto" else ""
+  if steps == 1:
+    return f", no gradient accumulation{how}"
+  devices = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+  return (f", {steps} accumulated micro-batches of {batcher.rows_per_step // devices // steps} rows per device"
+          f"{how}")
+
+
 def start_lines(trainer, step: int) -> list[str]:
   """The lines a run logs before its first step: model, data and optimizer."""
   tc, d, opt = trainer.config.train, trainer.data, trainer.config.optimizer
@@ -104,4 +114,5 @@ def start_lines(trainer, step: int) -> list[str]:
       f"padding {d.train.batcher.padding_fraction(0):.1%} ({_layout(d.train.batcher)}{own})",
       f"optimizer: {opt.name}, effective learning rate {trainer.effective_lr:.3g}{lr_note}, "
       f"{trainer.total_steps} steps, batch {tc.global_batch_size} on mesh {dict(trainer.mesh.shape)}"
+      + _accumulation(trainer)
       + (f", resuming at step {step}" if step else "")]

@@ -7,6 +7,7 @@ is touched, so a failed start loses nothing.
 import copy
 import dataclasses
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,31 +27,50 @@ from bertjax.evaluate import Evaluator
 from bertjax.models import hf_weights
 from bertjax.models.config import from_hf_config, resolve_dtypes
 from bertjax.models.heads import SequenceClassifier
-from bertjax.step import CompiledByShape, TrainState, make_train_step
+from bertjax.step import CompiledByShape, TrainState, auto_accumulation, make_train_step
 from bertjax.stop_signal import StopSignal
 
 
+def grad_accum_setting(train_cfg) -> int | str:
+  """train.grad_accum_steps: a positive integer, or "auto" (`step.auto_accumulation`)."""
+  value = train_cfg.grad_accum_steps
+  if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+    return value
+  raise UserError(f"train.grad_accum_steps must be auto or a positive integer, got {value!r}")
+
+
 def build_data(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path):
-  """(mesh, model folder, tokenizer, TaskData) of a run: the data read, tokenized (cached in cache_dir) and
-  batched for this process. Labels a resumed run saved in `workdir` keep their ids."""
+  """(mesh, model folder, tokenizer, TaskData, accumulation steps) of a run: the data read, tokenized
+  (cached in cache_dir) and batched for this process, and train.grad_accum_steps resolved. Labels a resumed
+  run saved in `workdir` keep their ids."""
   tc = config.train
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  accum = grad_accum_setting(tc)
+  data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if tc.global_batch_size < 1 or tc.global_batch_size % data_devices:
+    raise UserError(f"train.global_batch_size={tc.global_batch_size} must be a positive multiple of the "
+                    f"{data_devices} data-parallel devices")
+  eval_batch = tc.eval_batch_size or tc.global_batch_size
+  if not config.data.packing and eval_batch % data_devices:
+    raise UserError(f"train.eval_batch_size={eval_batch} must be a multiple of the {data_devices} devices")
   folder = hf_weights.resolve_folder(config.model.name_or_path)
   base_cfg = from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json"))
   tokenizer = pipeline.load_tokenizer(folder)
-  eval_batch = tc.eval_batch_size or tc.global_batch_size
-  data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  for name, size in (("train.global_batch_size", tc.global_batch_size // tc.grad_accum_steps),
-                     ("train.eval_batch_size", eval_batch)):
-    if not config.data.packing and size % data_devices:
-      raise UserError(f"{name} (per accumulation step: {size}) must be a multiple of the {data_devices} devices")
+  local_devices = sharding.local_rows_multiple(mesh)
   data = pipeline.build(
       config.data, tokenizer, base_cfg, cache_dir, global_batch_size=tc.global_batch_size,
       eval_batch_size=eval_batch, seed=tc.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      row_multiple=sharding.local_rows_multiple(mesh) * tc.grad_accum_steps,
-      label_names=resume.saved_label_names(workdir), gather=sharding.gather_from_processes)
-  return mesh, folder, tokenizer, data
+      process_count=jax.process_count(), row_multiple=local_devices, label_names=resume.saved_label_names(workdir),
+      gather=sharding.gather_from_processes)
+  batcher = data.train.batcher
+  rows = batcher.rows_per_step // data_devices  # each device's rows per step, split into the micro-batches
+  if accum == "auto":
+    accum = auto_accumulation(rows, batcher.row_length, base_cfg.hidden_size, jax.default_backend())
+  elif rows % accum:
+    raise UserError(f"train.grad_accum_steps={accum} must divide the {rows} rows each device gets per step "
+                    f"(batch {tc.global_batch_size}{', packed' if config.data.packing else ''}); "
+                    f"divisors: {', '.join(str(d) for d in range(1, rows + 1) if rows % d == 0)}")
+  return mesh, folder, tokenizer, data, accum
 
 
 class WriteFailed(Exception):
@@ -97,15 +117,21 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, like: "Trainer | None" = None,
                cache_dir: Path | None = None):
+    workdir_existed = Path(workdir).exists()
+    try:
+      self._build(config, workdir, like, cache_dir)
+    except UserError:
+      if not workdir_existed:  # a fresh workdir holds only the token cache written on the way: leave nothing
+        shutil.rmtree(workdir, ignore_errors=True)
+      raise
+
+  def _build(self, config, workdir, like, cache_dir) -> None:
     config = self.config = copy.deepcopy(config)  # resolved keys below are written here, not in the caller's
     self.workdir = Path(workdir)
     self.is_primary = jax.process_index() == 0
     t0 = time.perf_counter()
     self.wall_start = time.time()
     tc = config.train
-    if tc.grad_accum_steps < 1 or tc.global_batch_size % tc.grad_accum_steps:
-      raise UserError(f"train.global_batch_size={tc.global_batch_size} must be a multiple of "
-                      f"train.grad_accum_steps={tc.grad_accum_steps}")
     self.dtype, self.matmul_dtype = resolve_dtypes(config.model)
     if config.data.task not in ("classification", "regression"):
       raise UserError(f"data.task must be classification or regression, got {config.data.task!r}")
@@ -117,9 +143,10 @@ class Trainer:
     # Model folder, tokenizer, data: all validated before anything is written.
     if like is not None:
       self.mesh, self.folder, self.tokenizer, self.data = like.mesh, like.folder, like.tokenizer, like.data
+      self.grad_accum_steps = like.grad_accum_steps
     else:
-      self.mesh, self.folder, self.tokenizer, self.data = build_data(config, self.workdir,
-                                                                     cache_dir or self.workdir / "cache")
+      self.mesh, self.folder, self.tokenizer, self.data, self.grad_accum_steps = build_data(
+          config, self.workdir, cache_dir or self.workdir / "cache")
     if like is not None and like.config.train.seed == tc.seed:
       self.loaded = like.loaded
     else:
@@ -202,7 +229,7 @@ class Trainer:
 
   def _make_step_fn(self):
     tc = self.config.train
-    return make_train_step(self.model, self.tx, self.schedule, self.regression, tc.grad_accum_steps,
+    return make_train_step(self.model, self.tx, self.schedule, self.regression, self.grad_accum_steps,
                            tc.skip_nonfinite_steps)
 
   stops_members_alone = False  # on a non-finite loss: a single run raises; a trial group stops that trial

@@ -345,3 +345,51 @@ def test_auto_matmul_dtype_is_bfloat16_only_with_bf16_dot_instructions(tmp_path,
     resolve("float32", "bfloat16", "cpu")
   with pytest.raises(UserError, match="model.matmul_dtype must be one of auto, float32, bfloat16, got 'int8'"):
     resolve("int8", "float32", "cpu")
+
+
+def test_auto_accumulation_splits_cpu_steps_into_cache_sized_micro_batches():
+  from bertjax.step import auto_accumulation
+  # MiniLM (hidden 384) at batch 1024 on SST-2: 168 rows of 82 -> 28 micro-batches of 6 rows (492 tokens).
+  assert auto_accumulation(168, 82, 384, "cpu") == 28
+  assert auto_accumulation(168, 82, 768, "cpu") == 56  # BERT-base: 3 rows (246 tokens)
+  assert auto_accumulation(4, 108, 384, "cpu") == 1  # batch 32: 432 tokens already fit
+  assert auto_accumulation(7, 100, 384, "cpu") == 7  # only divisors: 1 row each rather than empty rows
+  assert auto_accumulation(168, 82, 384, "gpu") == auto_accumulation(168, 82, 384, "tpu") == 1
+
+
+def test_auto_accumulation_trains_what_the_same_explicit_setting_trains(setup, tmp_path, monkeypatch):
+  """grad_accum_steps=auto resolves to a number (more than 1 here: the budget is lowered so the tiny model
+  splits its steps), says so at start, and trains exactly what that explicit number trains (float32 products)."""
+  from bertjax import step
+  _, data, model = setup
+  monkeypatch.setattr(step, "CPU_MICROBATCH_TOKENS_X_HIDDEN", 32 * 200)
+  common = {"train.max_steps": 3, "model.matmul_dtype": "float32", "train.global_batch_size": 64}
+  auto = trainer.Trainer(demo_config(data, model, **common), str(tmp_path / "auto"))
+  rows = auto.data.train.batcher.rows_per_step
+  chosen = auto.grad_accum_steps
+  assert chosen == step.auto_accumulation(rows, auto.data.train.batcher.row_length, 32, "cpu") > 1
+  assert rows % chosen == 0 and rows // chosen * auto.data.train.batcher.row_length <= 200
+  assert f"{chosen} accumulated micro-batches of {rows // chosen} rows per device (auto)" in auto._start_lines(0)[2]
+  auto.run()
+  for name, accum in (("same", chosen), ("one", 1)):
+    trainer.Trainer(demo_config(data, model, **common, **{"train.grad_accum_steps": accum}),
+                    str(tmp_path / name)).run()
+  params = {name: load_run(str(tmp_path / name), "latest").params for name in ("auto", "same", "one")}
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params["auto"], params["same"])
+  # Another micro-batch split draws other dropout masks: the check above can tell the settings apart.
+  differs = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), params["auto"], params["one"]))
+  assert any(differs)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"train.grad_accum_steps": 3}, r"train.grad_accum_steps=3 must divide the 4 rows each device gets per step \(batch 16, packed\); divisors: 1, 2, 4"),
+    ({"train.global_batch_size": 0}, "train.global_batch_size=0 must be a positive multiple of the 1 data-par"),
+    ({"train.grad_accum_steps": 0}, "train.grad_accum_steps must be auto or a positive integer, got 0"),
+    ({"train.grad_accum_steps": "some"}, "train.grad_accum_steps must be auto or a positive integer"),
+    ({"optimizer.base_batch_size": 0}, "optimizer.base_batch_size"),
+])
+def test_bad_batch_settings_fail_before_the_workdir_is_touched(setup, tmp_path, overrides, match):
+  _, data, model = setup
+  with pytest.raises(UserError, match=match):
+    trainer.Trainer(demo_config(data, model, **overrides), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()

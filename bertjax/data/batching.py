@@ -129,9 +129,6 @@ class Batcher:
     if not packing and global_batch_size % math.lcm(process_count, num_shards):
       raise UserError(f"global batch size {global_batch_size} is not divisible by the "
                       f"{process_count} processes and {num_shards} data shards")
-    if not packing and (global_batch_size // process_count) % row_multiple:
-      raise UserError(f"{global_batch_size // process_count} rows per host are not divisible by "
-                      f"{row_multiple} devices")
     if max_per_row < 1:
       raise UserError(f"max_per_row must be >= 1, got {max_per_row}")
     self.lengths = np.asarray(tokenized.lengths if lengths is None else lengths, np.int64)
@@ -158,21 +155,22 @@ class Batcher:
     self.process_count = process_count
     self.num_shards = num_shards
     self.buckets = length_buckets(max_length)
-    self.row_multiple = math.lcm(row_multiple * process_count, num_shards)
     if packing:
       # Rows and row length from the lengths and the batch size alone (choose_layout), so the plan
       # is the same on any device count; the arrays get empty rows up to a multiple of the devices.
       self.plan_rows, self.row_length = choose_layout(self.lengths, global_batch_size, max_length,
-                                                              self.max_per_row, num_shards, lookahead)
-      self.rows_per_step = -(-self.plan_rows // self.row_multiple) * self.row_multiple
-    else:
-      self.plan_rows = self.rows_per_step = global_batch_size
-      self.row_length = max_length
-    self.rows_per_host = self.rows_per_step // process_count
-    self.rows_per_shard = self.rows_per_step // num_shards
-    if packing:
+                                                      self.max_per_row, num_shards, lookahead)
       mean = float(self.lengths.mean()) if len(self.lengths) else 1.0
       self.window = int(np.ceil(self.plan_rows // num_shards * self.row_length / mean)) + lookahead
+    else:
+      self.plan_rows, self.row_length = global_batch_size, max_length
+    if not packing and (global_batch_size // process_count) % row_multiple:
+      raise UserError(f"{global_batch_size // process_count} rows per host are not divisible by "
+                      f"{row_multiple} devices")
+    self.row_multiple = math.lcm(row_multiple * process_count, num_shards)
+    self.rows_per_step = -(-self.plan_rows // self.row_multiple) * self.row_multiple
+    self.rows_per_host = self.rows_per_step // process_count
+    self.rows_per_shard = self.rows_per_step // num_shards
     self._lock = threading.Lock()
     self._plans: dict[int, concurrent.futures.Future] = {}  # the latest epochs' plans (or being planned)
     self._summaries: dict[int, tuple] = {}  # every planned epoch's per-step counts
