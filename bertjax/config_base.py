@@ -68,8 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_fraction=0.1,
       layerwise_lr_decay=1.0,  # 1.0 = off
       clip_norm=1.0,  # 0 = off
-      lr_scaling="none",  # none | linear | sqrt, relative to base_batch_size
-      base_batch_size=32,
+      lr_scaling="auto",  # how the recipe changes when train.global_batch_size differs from base_batch_size:
+      # auto (optim.batch_rule: learning rate, b2, ...; docs/large_batch.md) | sqrt | linear (learning rate
+      # times sqrt(ratio) or ratio) | none. The values used are in the start lines and config.json's "derived"
+      base_batch_size=32,  # the batch size the recipe's learning rate (and b1, b2, warmup) was tuned for
   )
   c.mesh = dict(data=-1, fsdp=1)  # device counts; -1 = all the rest
   return c

@@ -31,7 +31,7 @@ from bertjax.errors import UserError
 
 OPTIMIZERS = ("adamw", "lamb", "rmsprop", "adafactor")
 SCHEDULES = ("linear", "cosine", "constant", "step")
-LR_SCALINGS = ("none", "linear", "sqrt")
+LR_SCALINGS = ("auto", "none", "linear", "sqrt")
 
 Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
 
@@ -186,13 +186,26 @@ def make_schedule(kind: str, peak_lr: float | jax.Array, total_steps: int,
   return schedule
 
 
-def scaled_learning_rate(learning_rate: float, scaling: str, global_batch_size: int,
-                         base_batch_size: int) -> float:
-  """learning_rate times global/base (`linear`), sqrt(global/base) (`sqrt`) or 1 (`none`)."""
-  if scaling == "none":
-    return float(learning_rate)
+def batch_rule(recipe: dict, ratio: float) -> dict:
+  """`optimizer.lr_scaling=auto`: the recipe's values that change when the batch is `ratio` times the batch it
+  was tuned for (keys of `recipe`: name, learning_rate, b1, b2, eps, warmup_fraction).
+
+  The learning rate times sqrt(ratio): with the same examples, Adam's step-size noise stays the same (the
+  square-root rule of Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms").
+  Warmup stays the same share of the examples (optimizer.warmup_fraction). The measurements behind the rule are
+  in docs/large_batch.md."""
+  return {"learning_rate": recipe["learning_rate"] * math.sqrt(ratio)} if ratio != 1 else {}
+
+
+def scaled_hparams(recipe: dict, scaling: str, global_batch_size: int, base_batch_size: int) -> dict:
+  """The recipe's values that `scaling` changes at this batch: the learning rate times global/base (`linear`)
+  or sqrt(global/base) (`sqrt`), `batch_rule` (`auto`), nothing (`none`)."""
   ratio = global_batch_size / base_batch_size
-  return float(learning_rate * (ratio if scaling == "linear" else math.sqrt(ratio)))
+  if scaling == "none" or ratio == 1:
+    return {}
+  if scaling == "auto":
+    return batch_rule(recipe, ratio)
+  return {"learning_rate": recipe["learning_rate"] * (ratio if scaling == "linear" else math.sqrt(ratio))}
 
 
 def _direction(name: str, b1: float, b2: float, eps: float) -> list[optax.GradientTransformation]:
@@ -218,13 +231,15 @@ HPARAMS = ("learning_rate", "warmup_steps", "weight_decay", "eps", "b1", "b2", "
 @dataclasses.dataclass(frozen=True)
 class OptimizerPlan:
   """A validated `optimizer` config: its structure, and the numbers (`hparams`, keys HPARAMS) that
-  trials of one group may vary. `learning_rate` is the peak after batch-size scaling and
-  `warmup_steps` = round(warmup_fraction * total_steps)."""
+  trials of one group may vary. `learning_rate`, `b1`, `b2` and `eps` are after batch-size scaling
+  (`scaled_hparams`) and `warmup_steps` = round(warmup_fraction * total_steps), i.e. the same share of the
+  examples at any batch size."""
   name: str
   schedule: str
   layer_decay: float
   total_steps: int
   hparams: dict
+  derived: dict  # what optimizer.lr_scaling changed for the batch: key -> (recipe's value, value used)
 
 
 def plan_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, global_batch_size: int) -> OptimizerPlan:
@@ -232,18 +247,20 @@ def plan_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, global_batc
   name = _choice(cfg, "name", OPTIMIZERS)
   kind = _choice(cfg, "schedule", SCHEDULES)
   scaling = _choice(cfg, "lr_scaling", LR_SCALINGS)
-  learning_rate = _number(cfg, "learning_rate", 0.0, low_open=True)
-  hparams = {"weight_decay": _number(cfg, "weight_decay", 0.0), "eps": _number(cfg, "eps", 0.0),
-             "b1": _number(cfg, "b1", 0.0, 1.0), "b2": _number(cfg, "b2", 0.0, 1.0)}
-  warmup_fraction = _number(cfg, "warmup_fraction", 0.0, 1.0)
+  recipe = {"name": name, "learning_rate": _number(cfg, "learning_rate", 0.0, low_open=True),
+            "b1": _number(cfg, "b1", 0.0, 1.0), "b2": _number(cfg, "b2", 0.0, 1.0), "eps": _number(cfg, "eps", 0.0),
+            "warmup_fraction": _number(cfg, "warmup_fraction", 0.0, 1.0)}
   layer_decay = _number(cfg, "layerwise_lr_decay", 0.0, 1.0, low_open=True)
-  hparams["clip_norm"] = _number(cfg, "clip_norm", 0.0)
   if int(total_steps) < 1:
     raise UserError(f"total training steps must be >= 1, got {total_steps}")
   base_batch_size = _number(cfg, "base_batch_size", 1.0)  # the batch the recipe's learning rate was tuned for
-  hparams["learning_rate"] = scaled_learning_rate(learning_rate, scaling, global_batch_size, base_batch_size)
-  hparams["warmup_steps"] = int(round(warmup_fraction * total_steps))
-  return OptimizerPlan(name, kind, layer_decay, int(total_steps), hparams)
+  changes = scaled_hparams(recipe, scaling, global_batch_size, base_batch_size)
+  used = {**recipe, **changes}
+  hparams = {"learning_rate": used["learning_rate"], "weight_decay": _number(cfg, "weight_decay", 0.0),
+             "eps": used["eps"], "b1": used["b1"], "b2": used["b2"], "clip_norm": _number(cfg, "clip_norm", 0.0),
+             "warmup_steps": int(round(used["warmup_fraction"] * total_steps))}
+  derived = {key: (recipe[key], value) for key, value in changes.items()}
+  return OptimizerPlan(used["name"], kind, layer_decay, int(total_steps), hparams, derived)
 
 
 def _is_const(x) -> bool:

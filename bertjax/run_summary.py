@@ -86,6 +86,19 @@ def _layout(batcher) -> str:
   return f"packed, {batcher.rows_per_step} rows of {batcher.row_length} tokens{extra}"
 
 
+def _derived(trainer) -> str:
+  """What optimizer.lr_scaling changed for the batch size, e.g. "(lr_scaling auto for batch 1024 = 32 x the
+  recipe's 32: learning_rate 5e-05 -> 0.000283, b2 0.999 -> 0.968)"."""
+  opt, derived = trainer.config.optimizer, trainer.opt_plan.derived
+  if not derived:
+    return ""
+  ratio = trainer.config.train.global_batch_size / opt.base_batch_size
+  changes = ", ".join(f"{key} {old:g} -> {new:.3g}" if isinstance(old, float) else f"{key} {old} -> {new}"
+                      for key, (old, new) in derived.items())
+  return (f" (lr_scaling {opt.lr_scaling} for batch {trainer.config.train.global_batch_size} = {ratio:g} x the "
+          f"recipe's {opt.base_batch_size}: {changes})")
+
+
 def _accumulation(trainer) -> str:
   steps, batcher = trainer.grad_accum_steps, trainer.data.train.batcher
   how = " (auto)" if trainer.config.train.grad_accum_steps == "auto" else ""
@@ -99,8 +112,6 @@ def _accumulation(trainer) -> str:
 def start_lines(trainer, step: int) -> list[str]:
   """The lines a run logs before its first step: model, data and optimizer."""
   tc, d, opt = trainer.config.train, trainer.data, trainer.config.optimizer
-  lr_note = (f" (scaled {opt.lr_scaling} from {opt.learning_rate:g} at batch {opt.base_batch_size})"
-             if opt.lr_scaling != "none" else "")
   shards = d.train.batcher.num_shards
   own = (f", {shards} shards, {len(d.train.examples)} train examples read by this host"
          if len(d.train.examples) < len(d.train) else (f", {shards} shards" if shards > 1 else ""))
@@ -112,7 +123,8 @@ def start_lines(trainer, step: int) -> list[str]:
       f"data: {len(d.train)} train / {pipeline.example_count(d.eval)} eval examples; "
       f"{trainer.steps_per_epoch} steps per epoch, {len(d.train) / trainer.steps_per_epoch:.1f} examples per step; "
       f"padding {d.train.batcher.padding_fraction(0):.1%} ({_layout(d.train.batcher)}{own})",
-      f"optimizer: {opt.name}, effective learning rate {trainer.effective_lr:.3g}{lr_note}, "
-      f"{trainer.total_steps} steps, batch {tc.global_batch_size} on mesh {dict(trainer.mesh.shape)}"
+      f"optimizer: {trainer.opt_plan.name}, peak learning rate {trainer.effective_lr:.3g}{_derived(trainer)}, "
+      f"{trainer.total_steps} steps ({trainer.opt_plan.hparams['warmup_steps']} warmup), batch {tc.global_batch_size} "
+      f"on mesh {dict(trainer.mesh.shape)}"
       + _accumulation(trainer)
       + (f", resuming at step {step}" if step else "")]

@@ -244,8 +244,11 @@ class Trainer:
     """Config, labels and the model folder (HF config + tokenizer) that evaluate/predict/export read."""
     if self.is_primary:
       hf = hf_weights.hf_config_for(self.model_cfg, self.loaded.hf_config, self.data.label_names, self.regression)
-      workdir_lib.write_run_files(self.workdir, resume.config_snapshot(self.config), self.data.task,
-                                  self.data.label_names, hf, self.tokenizer)
+      config = {**resume.config_snapshot(self.config),
+                # what optimizer.lr_scaling and grad_accum_steps=auto chose for this batch size and machine
+                "derived": {"optimizer": {k: new for k, (_, new) in self.opt_plan.derived.items()},
+                            "grad_accum_steps": self.grad_accum_steps}}
+      workdir_lib.write_run_files(self.workdir, config, self.data.task, self.data.label_names, hf, self.tokenizer)
 
   def _epochs_at(self, step: int) -> float:
     """Epochs completed after `step` steps."""

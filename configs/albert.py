@@ -13,6 +13,7 @@ def get_config(arg=None):
   c.data.train = "tfds:glue/sst2:train"
   c.data.eval = "tfds:glue/sst2:validation"
   c.optimizer.learning_rate = 3e-5
+  c.optimizer.base_batch_size = 32  # the batch this learning rate is for (lr_scaling=auto)
   c.optimizer.warmup_fraction = 0.06
   c.train.num_epochs = 3.0
   return c

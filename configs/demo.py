@@ -20,10 +20,12 @@ def get_config(arg=None):
   c.train.global_batch_size = 32
   c.train.log_every_steps = 10
   c.optimizer.learning_rate = 5e-5
+  c.optimizer.base_batch_size = 32  # the batch this learning rate is for (lr_scaling=auto)
   if arg.tiny:  # for the tiny random BERT of the tests: cheap steps, so more of them
     c.data.max_length = 32
     c.train.num_epochs = 8.0
     c.train.global_batch_size = 16
     c.train.log_every_steps = 4
     c.optimizer.learning_rate = 3e-3
+    c.optimizer.base_batch_size = 16
   return c

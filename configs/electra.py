@@ -15,6 +15,7 @@ def get_config(arg=None):
   c.data.eval = "tfds:glue/sst2:validation"
   large = arg.size == "large"
   c.optimizer.learning_rate = 5e-5 if large else 1e-4
+  c.optimizer.base_batch_size = 32  # the batch this learning rate is for (lr_scaling=auto)
   c.optimizer.layerwise_lr_decay = 0.9 if large else 0.8
   c.optimizer.warmup_fraction = 0.1
   c.optimizer.eps = 1e-6

@@ -17,6 +17,7 @@ def get_config(arg=None):
   c.data.max_length = 128
   c.data.packing = arg.packing
   c.optimizer.learning_rate = 5e-5
+  c.optimizer.base_batch_size = 32  # the batch this learning rate is for (lr_scaling=auto)
   c.optimizer.weight_decay = 0.01
   c.optimizer.warmup_fraction = 0.1
   c.optimizer.clip_norm = 1.0

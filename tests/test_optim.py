@@ -281,3 +281,24 @@ def test_lamb_trust_ratio_scales_the_matrices_and_not_biases_or_layer_norms():
 
   jax.tree_util.tree_map_with_path(check, lamb_up, adam_up, params, masks)
   assert checked[True] >= 2 and checked[False] >= 4
+
+
+@pytest.mark.parametrize("scaling, batch, want", [("auto", 32, {}), ("auto", 1024, {"learning_rate": (2e-5, 2e-5 * 32 ** 0.5)}),
+                                                  ("auto", 8, {"learning_rate": (2e-5, 1e-5)}),
+                                                  ("sqrt", 128, {"learning_rate": (2e-5, 4e-5)}),
+                                                  ("linear", 128, {"learning_rate": (2e-5, 8e-5)}), ("none", 1024, {})])
+def test_batch_size_scaling_records_what_it_changed(scaling, batch, want):
+  """The plan's learning rate (and what else the rule changes) for a batch that differs from the recipe's,
+  against hand-computed values; `derived` says what changed, for the start line and config.json."""
+  plan = optim.plan_optimizer(make_cfg(learning_rate=2e-5, lr_scaling=scaling, base_batch_size=32), 100, batch)
+  assert set(plan.derived) == set(want)
+  for key, (old, new) in want.items():
+    assert plan.derived[key] == pytest.approx((old, new))
+    assert plan.hparams[key] == pytest.approx(new)
+  if not want:
+    assert plan.hparams["learning_rate"] == 2e-5
+
+
+def test_base_batch_size_below_one_is_refused():
+  with pytest.raises(UserError, match=r"optimizer.base_batch_size=0.0 is outside \[1.0, inf\]"):
+    optim.plan_optimizer(make_cfg(base_batch_size=0), 100, 32)
