@@ -144,7 +144,7 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
     return time.perf_counter() - t - (step_fn.compile_seconds - compiled), float(metrics["loss"])
 
   run(positions[:max(FLAGS.warmup, 1)])
-  evaluator = Evaluator(tr.model, tr.mesh, tr.state_shardings.params)
+  evaluator = Evaluator(tr.eval_model, tr.mesh, tr.state_shardings.params)
   eval_split = tr.data.eval if FLAGS.eval else None
   if eval_split is not None:
     evaluator.logits(state.params, eval_split.batcher, len(eval_split.labels))  # compiles
@@ -223,7 +223,7 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
   ms["forward_backward"] = timed(grad(tr.model, key), state.params)
   ms["forward_backward_no_dropout"] = timed(grad(quiet, None), state.params)
   ms["forward_train_mode"] = timed(jax.jit(lambda p: _sums(tr.model, p, batch, reg, key)[0]), state.params)
-  ms["forward_eval"] = timed(jax.jit(make_eval_step(tr.model)), state.params, batch)
+  ms["forward_eval"] = timed(jax.jit(make_eval_step(tr.eval_model)), state.params, batch)
   update = jax.jit(lambda g, o, p: optax.apply_updates(p, tr.tx.update(g, o, p)[0]))
   ms["optimizer_update"] = timed(update, state.params, state.opt_state, state.params)
   # The random bits of every dropout mask in the model, drawn alone: embeddings, each applied layer (its

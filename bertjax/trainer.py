@@ -24,7 +24,7 @@ from bertjax.data.prefetch import Prefetch
 from bertjax.errors import UserError, first_line
 from bertjax.evaluate import Evaluator
 from bertjax.models import hf_weights
-from bertjax.models.config import from_hf_config, resolve_dtypes
+from bertjax.models.config import from_hf_config, resolve_attention, resolve_attention_dropout, resolve_dtypes
 from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, TrainState, make_train_step
 from bertjax.stop_signal import StopSignal
@@ -117,7 +117,11 @@ class Trainer:
     # Model folder, tokenizer, data: all validated before anything is written.
     if like is not None:
       self.mesh, self.folder, self.tokenizer, self.data = like.mesh, like.folder, like.tokenizer, like.data
+      self._resolve_attention(like.loaded.cfg)
     else:
+      # Before the data is tokenized into the workdir's cache: the attention settings need only config.json.
+      folder = hf_weights.resolve_folder(config.model.name_or_path)
+      self._resolve_attention(from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json")))
       self.mesh, self.folder, self.tokenizer, self.data = build_data(config, self.workdir,
                                                                      cache_dir or self.workdir / "cache")
     if like is not None and like.config.train.seed == tc.seed:
@@ -127,8 +131,11 @@ class Trainer:
                                     seed=tc.seed)
       for note in self.loaded.notes:
         log(f"model: {note}")
-    self.model_cfg = self.loaded.cfg.replace(dtype=self.dtype, matmul_dtype=self.matmul_dtype)  # `like` may differ
+    self.model_cfg = self.loaded.cfg.replace(  # `like` may differ in these
+        dtype=self.dtype, matmul_dtype=self.matmul_dtype, attention_dropout=self.attention_dropout,
+        attention=self.attention.train)
     self.model = SequenceClassifier(self.model_cfg)
+    self.eval_model = SequenceClassifier(self.model_cfg.replace(attention=self.attention.eval))
     self.regression = self.data.task == "regression"
 
     # Packed epochs differ by a step or so (each epoch packs its own shuffle), so count them one by one.
@@ -148,6 +155,13 @@ class Trainer:
     self.tx, self.schedule = optim.build_optimizer(self.opt_plan, self.opt_plan.hparams, self.loaded.params)
     self.effective_lr = self.opt_plan.hparams["learning_rate"]
     self.setup_seconds = time.perf_counter() - t0
+
+  def _resolve_attention(self, checkpoint_cfg) -> None:
+    """model.attention_dropout (-1: the checkpoint's) and the attention implementations for this checkpoint."""
+    model = self.config.model
+    self.attention_dropout = resolve_attention_dropout(model.attention_dropout, checkpoint_cfg.attention_dropout)
+    self.attention = resolve_attention(model.attention, checkpoint_cfg.replace(
+        dtype=self.dtype, attention_dropout=self.attention_dropout))
 
   # ----- state (a trial group overrides these) ----------------------------------------------
 
@@ -281,7 +295,7 @@ class Trainer:
     train_step = CompiledByShape(jax.jit(
         self._make_step_fn(), in_shardings=(self.state_shardings, batch_sharding),
         out_shardings=(self.state_shardings, None), donate_argnums=(0,)), "train step", log)
-    evaluator = Evaluator(self.model, self.mesh, self.member_shardings.params)
+    evaluator = Evaluator(self.eval_model, self.mesh, self.member_shardings.params)
     progress = run_log.Progress(self.total_steps, is_primary=self.is_primary, every_steps=tc.log_every_steps)
     stop = StopSignal()
     stats = {"train_seconds": 0.0, "examples": 0, "tokens": 0, "slots": 0, "wait_seconds": 0.0,
