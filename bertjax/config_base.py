@@ -59,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every_steps=0,  # 0 = at each eval and at the end
       early_stopping_patience=0,  # evals without a better eval loss before stopping; 0 = off
       skip_nonfinite_steps=False,  # skip (and count) updates with a NaN/inf loss instead of stopping
+      deterministic="auto",  # auto | true | false: XLA's deterministic GPU ops (--xla_gpu_deterministic_ops),
+      # so that a resumed GPU run equals an uninterrupted one bitwise; auto = on CPU (deterministic anyway),
+      # off on GPU (they cost speed)
       seed=0,
   )
   c.optimizer = dict(

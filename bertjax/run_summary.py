@@ -87,9 +87,9 @@ def _layout(batcher) -> str:
 
 
 def start_lines(trainer, step: int) -> list[str]:
-  """The lines a run logs before its first step: model, data, optimizer, and the attention implementations."""
+  """The lines a run logs before its first step: model, data, optimizer, and how the steps compute."""
   tc, d, opt = trainer.config.train, trainer.data, trainer.config.optimizer
-  att = trainer.attention
+  att, (deterministic, why) = trainer.attention, trainer.deterministic
   lr_note = (f" (scaled {opt.lr_scaling} from {opt.learning_rate:g} at batch {opt.base_batch_size})"
              if opt.lr_scaling != "none" else "")
   shards = d.train.batcher.num_shards
@@ -106,4 +106,5 @@ def start_lines(trainer, step: int) -> list[str]:
       f"optimizer: {opt.name}, effective learning rate {trainer.effective_lr:.3g}{lr_note}, "
       f"{trainer.total_steps} steps, batch {tc.global_batch_size} on mesh {dict(trainer.mesh.shape)}"
       + (f", resuming at step {step}" if step else ""),
-      f"attention: train {att.train} ({att.train_why}), eval {att.eval} ({att.eval_why})"]
+      f"attention: train {att.train} ({att.train_why}), eval {att.eval} ({att.eval_why}); deterministic ops "
+      f"{'on' if deterministic else 'off'} ({why})"]

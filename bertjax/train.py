@@ -27,7 +27,7 @@ def main(argv):
   if not flags.FLAGS.workdir:
     raise UserError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  cli_setup.start_jax()  # a re-run or resume skips compiling the shapes it has seen
+  cli_setup.start_jax(_CONFIG.value.train.deterministic)  # a re-run or resume skips compiling the shapes it has seen
   from bertjax import trainer  # after flag parsing, so a bad flag fails fast
   try:
     trainer.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)

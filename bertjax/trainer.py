@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from bertjax import checkpoint as ckpt_lib
-from bertjax import matmul_peak, optim, plot, resume, run_log, run_summary, sharding
+from bertjax import cli_setup, matmul_peak, optim, plot, resume, run_log, run_summary, sharding
 from bertjax import workdir as workdir_lib
 from bertjax.data import pipeline
 from bertjax.data.prefetch import Prefetch
@@ -107,6 +107,7 @@ class Trainer:
       raise UserError(f"train.global_batch_size={tc.global_batch_size} must be a multiple of "
                       f"train.grad_accum_steps={tc.grad_accum_steps}")
     self.dtype, self.matmul_dtype = resolve_dtypes(config.model)
+    self.deterministic = cli_setup.deterministic_ops(tc.deterministic, jax.default_backend())
     if config.data.task not in ("classification", "regression"):
       raise UserError(f"data.task must be classification or regression, got {config.data.task!r}")
     if not config.data.num_shards:  # one shard per process, recorded so a resume reads the same shards

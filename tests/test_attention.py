@@ -1,5 +1,5 @@
 """The attention implementations (`model.attention`): the fused `xla` path against the `einsum` one, the
-choice `auto` makes and the refusals, and `model.attention_dropout`."""
+choice `auto` makes and the refusals, `model.attention_dropout`, and `train.deterministic`."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import pytest
 
 from jax.flatten_util import ravel_pytree
 
-from bertjax import models, run_summary
+from bertjax import cli_setup, models, run_summary
 from bertjax.errors import UserError
 from bertjax.models.config import Attention, resolve_attention, resolve_attention_dropout
 from bertjax.models.encoder import Encoder
@@ -129,6 +129,25 @@ def test_attention_dropout_override():
       resolve_attention_dropout(bad, 0.1)
 
 
+def test_deterministic_ops_decision():
+  on, why = cli_setup.deterministic_ops("auto", "cpu")
+  assert on and "cpu steps are deterministic" in why
+  on, why = cli_setup.deterministic_ops("auto", "gpu")
+  assert not on and "train.deterministic=true for bitwise resume" in why
+  assert cli_setup.deterministic_ops("false", "gpu")[0] is False
+  flag = cli_setup.DETERMINISTIC_FLAG
+  assert cli_setup.deterministic_ops("true", "gpu", f"--xla_foo=1 {flag}") == \
+      (True, f"train.deterministic=true: {flag}")
+  with pytest.raises(UserError, match="train.deterministic=true on a GPU needs XLA_FLAGS=--xla_gpu_deterministic"):
+    cli_setup.deterministic_ops("true", "gpu", "--xla_foo=1")
+  with pytest.raises(UserError, match="train.deterministic must be one of auto, true, false, got 'yes'"):
+    cli_setup.deterministic_ops("yes", "cpu")
+  # The flag goes into XLA_FLAGS (before jax starts) only for `true`, replacing another value of it.
+  assert cli_setup.xla_flags_for("true", "") == flag
+  assert cli_setup.xla_flags_for("true", "--a=1 --xla_gpu_deterministic_ops=false") == f"--a=1 {flag}"
+  assert cli_setup.xla_flags_for("auto", "--a=1") == "--a=1" == cli_setup.xla_flags_for("false", "--a=1")
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
   return demo_setup(tmp_path_factory.mktemp("attention"), 64, 24, seed=0)
@@ -144,7 +163,7 @@ def test_trainer_start_line_and_refusal(demo, tmp_path):
   assert trainer.model.cfg.attention_dropout == 0.1
   line = [l for l in run_summary.start_lines(trainer, 0) if l.startswith("attention:")]
   assert line == ["attention: train einsum (auto: attention dropout 0.1 needs it), eval einsum (auto: xla measured "
-                  "no faster on CPU)"]
+                  "no faster on CPU); deterministic ops on (cpu steps are deterministic)"]
   off = Trainer(demo_config(data, model, **{"model.attention_dropout": 0.0, "model.attention": "xla"}),
                 str(tmp_path / "a"))
   assert (off.model.cfg.attention, off.eval_model.cfg.attention, off.model.cfg.attention_dropout) == \
