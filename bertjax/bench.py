@@ -108,18 +108,13 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   from bertjax import flops, matmul_peak, sharding
   from bertjax.data.prefetch import Prefetch
   from bertjax.evaluate import Evaluator
-  from bertjax.step import CompiledByShape, make_train_step
+  from bertjax.step import CompiledByShape
   from bertjax.trainer import Trainer
 
   tr = Trainer(config, str(workdir))
-  tc = config.train
   state, _ = tr._init_state()
   bs = sharding.batch_sharding(tr.mesh)
-  step_fn = CompiledByShape(jax.jit(
-      make_train_step(tr.model, tr.tx, tr.schedule, tr.regression, tc.grad_accum_steps,
-                      tc.get("skip_nonfinite_steps", False)),
-      in_shardings=(tr.state_shardings, bs), out_shardings=(tr.state_shardings, None), donate_argnums=(0,)),
-      "train step")
+  step_fn = CompiledByShape(tr.jit_train_step(tr.state_shardings), "train step")
   batcher = tr.data.train.batcher
   positions = _positions(batcher, FLAGS.warmup + FLAGS.repeats * FLAGS.steps)
   ids_at = lambda pos: [i for e, s in pos for i in batcher.plan(e)[s]]

@@ -30,9 +30,9 @@ from bertjax.step import CompiledByShape, TrainState, make_train_step
 from bertjax.stop_signal import StopSignal
 
 
-def build_data(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path):
-  """(mesh, model folder, tokenizer, TaskData) of a run: the data read, tokenized (cached in cache_dir) and
-  batched for this process. Labels a resumed run saved in `workdir` keep their ids."""
+def build_data(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path | None):
+  """(mesh, model folder, tokenizer, TaskData) of a run: the data read, tokenized (cached in cache_dir; None:
+  no cache) and batched for this process. Labels a resumed run saved in `workdir` keep their ids."""
   tc = config.train
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   folder = hf_weights.resolve_folder(config.model.name_or_path)
@@ -93,10 +93,11 @@ class Trainer:
   """Owns the run's objects; `run()` trains to the end (or a stop) and returns the summary.
 
   `like`: another Trainer (same data and model, e.g. the first trial of a group) whose data, mesh
-  and tokenizer are shared instead of built again; `cache_dir`: the tokenization cache folder."""
+  and tokenizer are shared instead of built again; `cache_dir`: the tokenization cache folder
+  (default: the workdir's); `token_cache=False` tokenizes without one, so that nothing is written."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, like: "Trainer | None" = None,
-               cache_dir: Path | None = None):
+               cache_dir: Path | None = None, token_cache: bool = True):
     config = self.config = copy.deepcopy(config)  # resolved keys below are written here, not in the caller's
     self.workdir = Path(workdir)
     self.is_primary = jax.process_index() == 0
@@ -123,8 +124,8 @@ class Trainer:
       # Before the data is tokenized into the workdir's cache: the attention settings need only config.json.
       folder = hf_weights.resolve_folder(config.model.name_or_path)
       self._resolve_attention(from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json")))
-      self.mesh, self.folder, self.tokenizer, self.data = build_data(config, self.workdir,
-                                                                     cache_dir or self.workdir / "cache")
+      self.mesh, self.folder, self.tokenizer, self.data = build_data(
+          config, self.workdir, (cache_dir or self.workdir / "cache") if token_cache else None)
     if like is not None and like.config.train.seed == tc.seed:
       self.loaded = like.loaded
     else:
@@ -166,8 +167,8 @@ class Trainer:
 
   # ----- state (a trial group overrides these) ----------------------------------------------
 
-  def _abstract_state(self):
-    """The single-run train state's shapes, dtypes and shardings."""
+  def abstract_state(self):
+    """The single-run train state's shapes, dtypes and shardings (without building it)."""
     abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                                    opt_state=self.tx.init(p), rng=jax.random.PRNGKey(0)),
                               self.loaded.params)
@@ -175,7 +176,7 @@ class Trainer:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
   def _init_state(self):
-    abstract = self._abstract_state()
+    abstract = self.abstract_state()
     shardings = self.state_shardings = self.member_shardings = jax.tree.map(lambda a: a.sharding, abstract)
     params = jax.device_put(self.loaded.params, shardings.params)
     init = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p),
@@ -219,6 +220,11 @@ class Trainer:
     tc = self.config.train
     return make_train_step(self.model, self.tx, self.schedule, self.regression, tc.grad_accum_steps,
                            tc.skip_nonfinite_steps)
+
+  def jit_train_step(self, state_shardings):
+    """The train step as the loop runs it: jitted with explicit in/out shardings, the state donated."""
+    return jax.jit(self._make_step_fn(), in_shardings=(state_shardings, sharding.batch_sharding(self.mesh)),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
 
   stops_members_alone = False  # on a non-finite loss: a single run raises; a trial group stops that trial
 
@@ -293,9 +299,7 @@ class Trainer:
       log(line)
 
     batch_sharding = sharding.batch_sharding(self.mesh)
-    train_step = CompiledByShape(jax.jit(
-        self._make_step_fn(), in_shardings=(self.state_shardings, batch_sharding),
-        out_shardings=(self.state_shardings, None), donate_argnums=(0,)), "train step", log)
+    train_step = CompiledByShape(self.jit_train_step(self.state_shardings), "train step", log)
     evaluator = Evaluator(self.eval_model, self.mesh, self.member_shardings.params)
     progress = run_log.Progress(self.total_steps, is_primary=self.is_primary, every_steps=tc.log_every_steps)
     stop = StopSignal()
