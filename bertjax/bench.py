@@ -108,18 +108,13 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   from bertjax import flops, matmul_peak, sharding
   from bertjax.data.prefetch import Prefetch
   from bertjax.evaluate import Evaluator
-  from bertjax.step import CompiledByShape, make_train_step
+  from bertjax.step import CompiledByShape
   from bertjax.trainer import Trainer
 
   tr = Trainer(config, str(workdir))
-  tc = config.train
   state, _ = tr._init_state()
   bs = sharding.batch_sharding(tr.mesh)
-  step_fn = CompiledByShape(jax.jit(
-      make_train_step(tr.model, tr.tx, tr.schedule, tr.regression, tr.grad_accum_steps,
-                      tc.get("skip_nonfinite_steps", False)),
-      in_shardings=(tr.state_shardings, bs), out_shardings=(tr.state_shardings, None), donate_argnums=(0,)),
-      "train step")
+  step_fn = CompiledByShape(tr.jit_train_step(tr.state_shardings), "train step")
   batcher = tr.data.train.batcher
   positions = _positions(batcher, FLAGS.warmup + FLAGS.repeats * FLAGS.steps)
   ids_at = lambda pos: [i for e, s in pos for i in batcher.plan(e)[s]]
@@ -144,7 +139,7 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
     return time.perf_counter() - t - (step_fn.compile_seconds - compiled), float(metrics["loss"])
 
   run(positions[:max(FLAGS.warmup, 1)])
-  evaluator = Evaluator(tr.model, tr.mesh, tr.state_shardings.params)
+  evaluator = Evaluator(tr.eval_model, tr.mesh, tr.state_shardings.params)
   eval_split = tr.data.eval if FLAGS.eval else None
   if eval_split is not None:
     evaluator.logits(state.params, eval_split.batcher, len(eval_split.labels))  # compiles
@@ -223,7 +218,7 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
   ms["forward_backward"] = timed(grad(tr.model, key), state.params)
   ms["forward_backward_no_dropout"] = timed(grad(quiet, None), state.params)
   ms["forward_train_mode"] = timed(jax.jit(lambda p: _sums(tr.model, p, batch, reg, key)[0]), state.params)
-  ms["forward_eval"] = timed(jax.jit(make_eval_step(tr.model)), state.params, batch)
+  ms["forward_eval"] = timed(jax.jit(make_eval_step(tr.eval_model)), state.params, batch)
   update = jax.jit(lambda g, o, p: optax.apply_updates(p, tr.tx.update(g, o, p)[0]))
   ms["optimizer_update"] = timed(update, state.params, state.opt_state, state.params)
   # The random bits of every dropout mask in the model, drawn alone: embeddings, each applied layer (its

@@ -1,8 +1,14 @@
-"""What train and sweep share on the command line: the multi-process flags and the compilation cache."""
+"""What train and sweep share on the command line: the multi-process flags, the compilation cache and
+XLA's deterministic GPU ops."""
 
 import os
 
 from absl import flags
+
+from bertjax.errors import UserError
+
+DETERMINISTIC = ("auto", "true", "false")
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
 def define_flags() -> None:
@@ -18,10 +24,45 @@ def define_flags() -> None:
                       "Persistent XLA compilation cache folder, shared by runs ('' = off).")
 
 
-def start_jax() -> None:
-  """The compilation cache (equal shapes compile once across runs), then jax.distributed from the flags or
-  the launcher's environment (a no-op for one process), then the check that the process has the devices the
-  job asked for. Call before anything touches a device."""
+def deterministic_ops(setting: str, backend: str, xla_flags: str | None = None) -> tuple[bool, str]:
+  """(on, why) for `train.deterministic` on `backend`. CPU (and TPU) steps are deterministic anyway; a GPU's
+  are only with XLA's deterministic ops (slower scatter-adds and reductions), which `auto` leaves off there.
+  On a GPU, `true` needs DETERMINISTIC_FLAG in XLA_FLAGS (`xla_flags`, default: the environment's) before
+  jax started, as `start_jax` sets it."""
+  if setting not in DETERMINISTIC:
+    raise UserError(f"train.deterministic must be one of {', '.join(DETERMINISTIC)}, got {setting!r}")
+  if backend != "gpu":
+    if setting == "false":
+      return False, f"train.deterministic=false; {backend} steps are deterministic anyway"
+    return True, f"{backend} steps are deterministic"
+  if setting == "auto":
+    return False, "auto: off on GPU, where they cost speed; train.deterministic=true for bitwise resume"
+  if setting == "false":
+    return False, "train.deterministic=false"
+  xla_flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+  if DETERMINISTIC_FLAG not in xla_flags.split():
+    raise UserError(f"train.deterministic=true on a GPU needs XLA_FLAGS={DETERMINISTIC_FLAG} before jax starts "
+                    "(python -m bertjax.train and bertjax.sweep set it)")
+  return True, f"train.deterministic=true: {DETERMINISTIC_FLAG}"
+
+
+def xla_flags_for(setting: str, xla_flags: str) -> str:
+  """XLA_FLAGS with DETERMINISTIC_FLAG added (replacing any other value of it) when deterministic ops would be
+  on for a GPU. The backend is not known before jax starts, and CPU builds accept and ignore the flag."""
+  if not deterministic_ops(setting, "gpu", DETERMINISTIC_FLAG)[0]:
+    return xla_flags
+  name = DETERMINISTIC_FLAG.split("=")[0]
+  kept = [f for f in xla_flags.split() if f.split("=")[0] != name]
+  return " ".join(kept + [DETERMINISTIC_FLAG])
+
+
+def start_jax(deterministic: str = "auto") -> None:
+  """XLA's deterministic GPU ops for `train.deterministic`, the compilation cache (equal shapes compile once
+  across runs), then jax.distributed from the flags or the launcher's environment (a no-op for one process),
+  then the check that the process has the devices the job asked for. Call before anything touches a device."""
+  xla_flags = xla_flags_for(deterministic, os.environ.get("XLA_FLAGS", ""))
+  if xla_flags != os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = xla_flags  # read when the backend starts
   import jax
   f = flags.FLAGS
   if f.compilation_cache:

@@ -18,6 +18,12 @@ def base_config() -> ml_collections.ConfigDict:
       matmul_dtype="auto",  # operand dtype of the dense layers' products, summed in float32: auto (the
       # compute dtype, but bfloat16 under float32 compute on a CPU with AMX-BF16 or AVX512-BF16)
       # | float32 | bfloat16
+      attention="auto",  # attention implementation (docs/gpu.md): auto | einsum (scores materialised; the only
+      # one with attention dropout) | xla | cudnn (jax.nn.dot_product_attention's; cudnn: CUDA GPUs, bfloat16).
+      # auto: cudnn where it runs, else einsum (xla measured no faster on CPU); einsum for a train step with attention
+      # dropout
+      attention_dropout=-1.0,  # dropout on the attention probabilities: -1 = the checkpoint's
+      # attention_probs_dropout_prob; 0.0 = off, which lets the train step use xla or cudnn
   )
   c.data = dict(
       train="",  # .tsv/.csv/.jsonl path or tfds:NAME[/CONFIG]:SPLIT
@@ -55,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every_steps=0,  # 0 = at each eval and at the end
       early_stopping_patience=0,  # evals without a better eval loss before stopping; 0 = off
       skip_nonfinite_steps=False,  # skip (and count) updates with a NaN/inf loss instead of stopping
+      deterministic="auto",  # auto | true | false: XLA's deterministic GPU ops (--xla_gpu_deterministic_ops),
+      # so that a resumed GPU run equals an uninterrupted one bitwise; auto = on CPU (deterministic anyway),
+      # off on GPU (they cost speed)
       seed=0,
   )
   c.optimizer = dict(

@@ -30,6 +30,8 @@ def check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) ->
       if group == "model" and key in ("dtype", "matmul_dtype") and \
           resolve_dtypes(saved.get("model", {})) == resolve_dtypes(now["model"]):
         continue  # `auto` is what this backend resolves it to
+      if group == "model" and key == "attention":
+        continue  # how attention is computed, not what: a run may resume with another implementation
       if saved.get(group, {}).get(key) != now.get(group, {}).get(key):
         raise UserError(f"{saved_path}: this workdir was trained with {group}.{key}="
                         f"{saved.get(group, {}).get(key)!r}, not {now.get(group, {}).get(key)!r}; "

@@ -110,8 +110,9 @@ def _accumulation(trainer) -> str:
 
 
 def start_lines(trainer, step: int) -> list[str]:
-  """The lines a run logs before its first step: model, data and optimizer."""
+  """The lines a run logs before its first step: model, data, optimizer, and how the steps compute."""
   tc, d, opt = trainer.config.train, trainer.data, trainer.config.optimizer
+  att, (deterministic, why) = trainer.attention, trainer.deterministic
   shards = d.train.batcher.num_shards
   own = (f", {shards} shards, {len(d.train.examples)} train examples read by this host"
          if len(d.train.examples) < len(d.train) else (f", {shards} shards" if shards > 1 else ""))
@@ -127,4 +128,6 @@ def start_lines(trainer, step: int) -> list[str]:
       f"{trainer.total_steps} steps ({trainer.opt_plan.hparams['warmup_steps']} warmup), batch {tc.global_batch_size} "
       f"on mesh {dict(trainer.mesh.shape)}"
       + _accumulation(trainer)
-      + (f", resuming at step {step}" if step else "")]
+      + (f", resuming at step {step}" if step else ""),
+      f"attention: train {att.train} ({att.train_why}), eval {att.eval} ({att.eval_why}); deterministic ops "
+      f"{'on' if deterministic else 'off'} ({why})"]

@@ -242,7 +242,7 @@ def main(argv):
   sweep = parse_sweep(load_sweep_file(f.sweep), f.config.data.task)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from bertjax import cli_setup
-  cli_setup.start_jax()  # the cache: trials of equal shapes compile once
+  cli_setup.start_jax(f.config.train.deterministic)  # the cache: trials of equal shapes compile once
   from bertjax import trainer
   info = {"config": config_file_arg(sys.argv), "sweep": f.sweep,
           "fixed": [a for a in sys.argv[1:] if a.startswith("--config.")]}

@@ -2,7 +2,8 @@
 
   python -m bertjax.train --config configs/NAME.py[:variant] --workdir DIR [--config.KEY=VALUE ...]
 
-Re-running the same command with the same workdir resumes from its latest checkpoint.
+Re-running the same command with the same workdir resumes from its latest checkpoint. With
+`--lower_only=cuda` it only lowers the run's steps for that platform and reports them (bertjax.lower).
 """
 
 import sys
@@ -15,6 +16,8 @@ from bertjax.errors import UserError, bound_distributed_exit, exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary (resumed if present).")
+flags.DEFINE_string("lower_only", None, "Build the run, lower its train and eval steps for this platform (cuda, "
+                    "rocm, tpu, cpu), print their parameters, FLOPs and sizes, and exit; writes nothing.")
 cli_setup.define_flags()
 
 
@@ -27,8 +30,12 @@ def main(argv):
   if not flags.FLAGS.workdir:
     raise UserError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  cli_setup.start_jax()  # a re-run or resume skips compiling the shapes it has seen
+  cli_setup.start_jax(_CONFIG.value.train.deterministic)  # a re-run or resume skips compiling the shapes it has seen
   from bertjax import trainer  # after flag parsing, so a bad flag fails fast
+  if flags.FLAGS.lower_only:
+    from bertjax import lower
+    lower.lower_only(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.lower_only)
+    return
   try:
     trainer.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
   except trainer.WriteFailed as e:

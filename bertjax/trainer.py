@@ -18,14 +18,14 @@ import ml_collections
 import numpy as np
 
 from bertjax import checkpoint as ckpt_lib
-from bertjax import matmul_peak, optim, plot, resume, run_log, run_summary, sharding
+from bertjax import cli_setup, matmul_peak, optim, plot, resume, run_log, run_summary, sharding
 from bertjax import workdir as workdir_lib
 from bertjax.data import pipeline
 from bertjax.data.prefetch import Prefetch
 from bertjax.errors import UserError, first_line
 from bertjax.evaluate import Evaluator
 from bertjax.models import hf_weights
-from bertjax.models.config import from_hf_config, resolve_dtypes
+from bertjax.models.config import from_hf_config, resolve_attention, resolve_attention_dropout, resolve_dtypes
 from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, TrainState, auto_accumulation, make_train_step
 from bertjax.stop_signal import StopSignal
@@ -39,10 +39,10 @@ def grad_accum_setting(train_cfg) -> int | str:
   raise UserError(f"train.grad_accum_steps must be auto or a positive integer, got {value!r}")
 
 
-def build_data(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path):
+def build_data(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path | None):
   """(mesh, model folder, tokenizer, TaskData, accumulation steps) of a run: the data read, tokenized
-  (cached in cache_dir) and batched for this process, and train.grad_accum_steps resolved. Labels a resumed
-  run saved in `workdir` keep their ids."""
+  (cached in cache_dir; None: no cache) and batched for this process, and train.grad_accum_steps resolved.
+  Labels a resumed run saved in `workdir` keep their ids."""
   tc = config.train
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   accum = grad_accum_setting(tc)
@@ -113,19 +113,20 @@ class Trainer:
   """Owns the run's objects; `run()` trains to the end (or a stop) and returns the summary.
 
   `like`: another Trainer (same data and model, e.g. the first trial of a group) whose data, mesh
-  and tokenizer are shared instead of built again; `cache_dir`: the tokenization cache folder."""
+  and tokenizer are shared instead of built again; `cache_dir`: the tokenization cache folder
+  (default: the workdir's); `token_cache=False` tokenizes without one, so that nothing is written."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, like: "Trainer | None" = None,
-               cache_dir: Path | None = None):
+               cache_dir: Path | None = None, token_cache: bool = True):
     workdir_existed = Path(workdir).exists()
     try:
-      self._build(config, workdir, like, cache_dir)
+      self._build(config, workdir, like, cache_dir, token_cache)
     except UserError:
       if not workdir_existed:  # a fresh workdir holds only the token cache written on the way: leave nothing
         shutil.rmtree(workdir, ignore_errors=True)
       raise
 
-  def _build(self, config, workdir, like, cache_dir) -> None:
+  def _build(self, config, workdir, like, cache_dir, token_cache) -> None:
     config = self.config = copy.deepcopy(config)  # resolved keys below are written here, not in the caller's
     self.workdir = Path(workdir)
     self.is_primary = jax.process_index() == 0
@@ -133,6 +134,7 @@ class Trainer:
     self.wall_start = time.time()
     tc = config.train
     self.dtype, self.matmul_dtype = resolve_dtypes(config.model)
+    self.deterministic = cli_setup.deterministic_ops(tc.deterministic, jax.default_backend())
     if config.data.task not in ("classification", "regression"):
       raise UserError(f"data.task must be classification or regression, got {config.data.task!r}")
     if not config.data.num_shards:  # one shard per process, recorded so a resume reads the same shards
@@ -144,9 +146,13 @@ class Trainer:
     if like is not None:
       self.mesh, self.folder, self.tokenizer, self.data = like.mesh, like.folder, like.tokenizer, like.data
       self.grad_accum_steps = like.grad_accum_steps
+      self._resolve_attention(like.loaded.cfg)
     else:
+      # Before the data is tokenized into the workdir's cache: the attention settings need only config.json.
+      folder = hf_weights.resolve_folder(config.model.name_or_path)
+      self._resolve_attention(from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json")))
       self.mesh, self.folder, self.tokenizer, self.data, self.grad_accum_steps = build_data(
-          config, self.workdir, cache_dir or self.workdir / "cache")
+          config, self.workdir, (cache_dir or self.workdir / "cache") if token_cache else None)
     if like is not None and like.config.train.seed == tc.seed:
       self.loaded = like.loaded
     else:
@@ -154,8 +160,11 @@ class Trainer:
                                     seed=tc.seed)
       for note in self.loaded.notes:
         log(f"model: {note}")
-    self.model_cfg = self.loaded.cfg.replace(dtype=self.dtype, matmul_dtype=self.matmul_dtype)  # `like` may differ
+    self.model_cfg = self.loaded.cfg.replace(  # `like` may differ in these
+        dtype=self.dtype, matmul_dtype=self.matmul_dtype, attention_dropout=self.attention_dropout,
+        attention=self.attention.train)
     self.model = SequenceClassifier(self.model_cfg)
+    self.eval_model = SequenceClassifier(self.model_cfg.replace(attention=self.attention.eval))
     self.regression = self.data.task == "regression"
 
     # Packed epochs differ by a step or so (each epoch packs its own shuffle), so count them one by one.
@@ -176,10 +185,17 @@ class Trainer:
     self.effective_lr = self.opt_plan.hparams["learning_rate"]
     self.setup_seconds = time.perf_counter() - t0
 
+  def _resolve_attention(self, checkpoint_cfg) -> None:
+    """model.attention_dropout (-1: the checkpoint's) and the attention implementations for this checkpoint."""
+    model = self.config.model
+    self.attention_dropout = resolve_attention_dropout(model.attention_dropout, checkpoint_cfg.attention_dropout)
+    self.attention = resolve_attention(model.attention, checkpoint_cfg.replace(
+        dtype=self.dtype, attention_dropout=self.attention_dropout))
+
   # ----- state (a trial group overrides these) ----------------------------------------------
 
-  def _abstract_state(self):
-    """The single-run train state's shapes, dtypes and shardings."""
+  def abstract_state(self):
+    """The single-run train state's shapes, dtypes and shardings (without building it)."""
     abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                                    opt_state=self.tx.init(p), rng=jax.random.PRNGKey(0)),
                               self.loaded.params)
@@ -187,7 +203,7 @@ class Trainer:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
   def _init_state(self):
-    abstract = self._abstract_state()
+    abstract = self.abstract_state()
     shardings = self.state_shardings = self.member_shardings = jax.tree.map(lambda a: a.sharding, abstract)
     params = jax.device_put(self.loaded.params, shardings.params)
     init = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p),
@@ -231,6 +247,11 @@ class Trainer:
     tc = self.config.train
     return make_train_step(self.model, self.tx, self.schedule, self.regression, self.grad_accum_steps,
                            tc.skip_nonfinite_steps)
+
+  def jit_train_step(self, state_shardings):
+    """The train step as the loop runs it: jitted with explicit in/out shardings, the state donated."""
+    return jax.jit(self._make_step_fn(), in_shardings=(state_shardings, sharding.batch_sharding(self.mesh)),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
 
   stops_members_alone = False  # on a non-finite loss: a single run raises; a trial group stops that trial
 
@@ -308,10 +329,8 @@ class Trainer:
       log(line)
 
     batch_sharding = sharding.batch_sharding(self.mesh)
-    train_step = CompiledByShape(jax.jit(
-        self._make_step_fn(), in_shardings=(self.state_shardings, batch_sharding),
-        out_shardings=(self.state_shardings, None), donate_argnums=(0,)), "train step", log)
-    evaluator = Evaluator(self.model, self.mesh, self.member_shardings.params)
+    train_step = CompiledByShape(self.jit_train_step(self.state_shardings), "train step", log)
+    evaluator = Evaluator(self.eval_model, self.mesh, self.member_shardings.params)
     progress = run_log.Progress(self.total_steps, is_primary=self.is_primary, every_steps=tc.log_every_steps)
     stop = StopSignal()
     stats = {"train_seconds": 0.0, "examples": 0, "tokens": 0, "slots": 0, "wait_seconds": 0.0,

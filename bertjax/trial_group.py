@@ -202,7 +202,7 @@ class TrialGroup(Trainer):
   def _stack_trial_checkpoints(self):
     """The group's state from the trials' own checkpoints, all of the same step (None if they have none):
     a group regrouped, or whose group workdir was deleted, goes on from where its trials are."""
-    restored = [self._restore_member(m, m.run._abstract_state()) for m in self.members]
+    restored = [self._restore_member(m, m.run.abstract_state()) for m in self.members]
     if restored[0] is None:
       return None
     positions = {(meta["epoch"], meta["step_in_epoch"]) for _, meta in restored}

@@ -11,7 +11,8 @@ import ml_collections
 from bertjax import checkpoint as ckpt_lib
 from bertjax import optim
 from bertjax.errors import UserError
-from bertjax.models.config import EncoderConfig, from_hf_config, resolve_dtype, resolve_matmul_dtype
+from bertjax.models.config import (EncoderConfig, from_hf_config, resolve_attention, resolve_dtype,
+                                   resolve_matmul_dtype)
 from bertjax.models.heads import SequenceClassifier
 from bertjax.step import TrainState
 
@@ -80,6 +81,7 @@ def load_run(workdir: str | Path, which: str = "best", dtype: str | None = None)
   dtype = dtype or resolve_dtype(config.model.dtype)
   model_cfg = model_cfg.replace(dtype=dtype, matmul_dtype=resolve_matmul_dtype(config.model.get("matmul_dtype", "auto"),
                                                                                dtype))
+  model_cfg = model_cfg.replace(attention=resolve_attention("auto", model_cfg).eval)  # forward passes only
   params = _abstract_params(model_cfg)
   tx, _, _ = optim.make_optimizer(config.optimizer, params, 1000, config.train.global_batch_size)
   abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),

@@ -37,6 +37,7 @@ class EncoderConfig:
   initializer_range: float = 0.02
   dtype: str = "float32"  # computation dtype; parameters stay float32
   matmul_dtype: str = ""  # operand dtype of the dense layers' products, summed in float32; "" = dtype
+  attention: str = "einsum"  # einsum | xla | cudnn (see resolve_attention)
 
   @property
   def emb_size(self) -> int:
@@ -184,3 +185,78 @@ def resolve_dtypes(model) -> tuple[str, str]:
   saved before a key existed had float32 compute and the matmul default)."""
   dtype = resolve_dtype(model.get("dtype", "float32"))
   return dtype, resolve_matmul_dtype(model.get("matmul_dtype", "auto"), dtype)
+
+
+ATTENTIONS = ("auto", "einsum", "xla", "cudnn")
+# What model.attention=auto runs where cuDNN does not: einsum, which xla did not beat side by side on the CPU
+# for MiniLM's shapes (xla / einsum 0.86-1.07 for the train step and 0.93-1.77 for eval in three runs on a
+# shared machine; docs/performance.md). It is also the path with attention dropout.
+CPU_ATTENTION = "einsum"
+CPU_ATTENTION_WHY = "auto: xla measured no faster on CPU"
+
+
+@dataclasses.dataclass(frozen=True)
+class Attention:
+  """The attention implementations of a run's train and eval steps, and why each (for the start line)."""
+  train: str
+  eval: str
+  train_why: str
+  eval_why: str
+
+
+def resolve_attention_dropout(value: float, checkpoint: float) -> float:
+  """`model.attention_dropout`: -1 keeps the checkpoint's attention_probs_dropout_prob."""
+  if value == -1.0:
+    return checkpoint
+  if not 0.0 <= value < 1.0:
+    raise UserError(f"model.attention_dropout must be -1 (the checkpoint's) or in [0, 1), got {value}")
+  return float(value)
+
+
+def cudnn_available(backend: str | None = None) -> bool:
+  """Whether jax can run cuDNN's fused attention here: only on a CUDA GPU (the jax CUDA plugin brings cuDNN)."""
+  import jax
+  backend = backend or jax.default_backend()
+  if backend != "gpu":
+    return False
+  from jax.extend.backend import get_backend
+  return "cuda" in get_backend().platform_version.lower()
+
+
+def cudnn_unfit(cfg: EncoderConfig) -> str | None:
+  """Why cuDNN's fused attention (jax 0.10's checks) cannot run this model, or None."""
+  head_dim = cfg.hidden_size // cfg.num_heads
+  if cfg.dtype != "bfloat16":
+    return f"it takes bfloat16 (or float16) inputs, and model.dtype is {cfg.dtype}"
+  if head_dim % 8 or head_dim > 128:
+    return f"its head size must be a multiple of 8 and at most 128, got {head_dim}"
+  return None
+
+
+def resolve_attention(name: str, cfg: EncoderConfig, backend: str | None = None) -> Attention:
+  """The implementations of `model.attention` for the train and the eval step of the model `cfg` (dtype and
+  attention_dropout resolved). `einsum` applies attention dropout; jax's fused `xla` and `cudnn` paths take
+  none, so a train step that needs it cannot use them. `auto` never fails: cudnn on a CUDA GPU where it
+  fits the model, otherwise CPU_ATTENTION, and einsum for a train step with attention dropout."""
+  if name not in ATTENTIONS:
+    raise UserError(f"model.attention must be one of {', '.join(ATTENTIONS)}, got {name!r}")
+  dropout = cfg.attention_dropout
+  cudnn_ok = cudnn_available(backend)
+  unfit = cudnn_unfit(cfg)
+  if name == "cudnn" and not cudnn_ok:
+    raise UserError("model.attention=cudnn needs a CUDA GPU (jax runs cuDNN's fused attention only there); "
+                    "use model.attention=auto or xla")
+  if name == "cudnn" and unfit:
+    raise UserError(f"model.attention=cudnn cannot run this model: {unfit}; use model.attention=auto or xla")
+  if name in ("xla", "cudnn") and dropout > 0:
+    raise UserError(f"model.attention={name} has no attention dropout, and the model's is {dropout}: set "
+                    f"model.attention_dropout=0.0, or model.attention=einsum (or auto) to keep it")
+  if name != "auto":
+    return Attention(name, name, f"model.attention={name}", f"model.attention={name}")
+  if cudnn_ok and not unfit:
+    fused, fused_why = "cudnn", "auto: cuDNN's fused attention on this GPU"
+  else:
+    fused, fused_why = CPU_ATTENTION, CPU_ATTENTION_WHY + (f"; not cudnn: {unfit}" if cudnn_ok else "")
+  if dropout > 0:
+    return Attention("einsum", fused, f"auto: attention dropout {dropout:g} needs it", fused_why)
+  return Attention(fused, fused, fused_why, fused_why)

@@ -7,6 +7,10 @@ A classifier reads the last layer at one token per example. Given those position
 encoder runs its last layer for them only: keys and values still come from every token, but the query
 projection, attention output, feed-forward block and LayerNorms run on S tokens per row instead of L.
 For MiniLM on SST-2 (13.3 tokens per example) that skips 12.9% of the model's forward and backward FLOPs.
+
+The attention core is `cfg.attention` (docs/gpu.md): `einsum` materialises the [B, N, Q, L] scores and is
+the only one with attention dropout; `xla` and `cudnn` are jax.nn.dot_product_attention's implementations
+(cuDNN's flash attention on CUDA GPUs, bfloat16), given the same segment mask.
 """
 
 import functools
@@ -15,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bertjax.errors import UserError
 from bertjax.models.config import EncoderConfig
 from bertjax.models.dropout import Dropout
 
@@ -145,12 +150,36 @@ class Embeddings(nn.Module):
     return x_BxLxE
 
 
+def einsum_attention(q_BxQxNxD, k_BxLxNxD, v_BxLxNxD, mask_Bx1xQxL, dropout) -> jax.Array:
+  """Softmax attention over a materialised [B, N, Q, L] score tensor; `dropout` acts on the probabilities."""
+  # Scores and softmax in float32 even under bfloat16 compute: the sum over keys needs the range.
+  scores_BxNxQxL = jnp.einsum("bqnd,bknd->bnqk", q_BxQxNxD, k_BxLxNxD, preferred_element_type=jnp.float32)
+  scores_BxNxQxL = jnp.where(mask_Bx1xQxL, scores_BxNxQxL, jnp.finfo(jnp.float32).min)
+  probs_BxNxQxL = dropout(jax.nn.softmax(scores_BxNxQxL, axis=-1).astype(v_BxLxNxD.dtype))
+  return jnp.einsum("bnqk,bknd->bqnd", probs_BxNxQxL, v_BxLxNxD)
+
+
+def fused_attention(implementation: str, q_BxQxNxD, k_BxLxNxD, v_BxLxNxD, mask_Bx1xQxL) -> jax.Array:
+  """jax.nn.dot_product_attention (`xla` or `cudnn`) of queries already scaled by 1/sqrt(D); no dropout."""
+  q, l = q_BxQxNxD.shape[1], k_BxLxNxD.shape[1]
+  if implementation == "cudnn" and (q % 2 or l % 2):
+    # cuDNN's kernel takes the mask as a bias, and with a bias it trains only on even query and key
+    # counts (the read-out layer of unpacked rows has one query per row): pad with one masked query/key.
+    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n % 2)] + [(0, 0)] * (x.ndim - 2))
+    q_BxQxNxD, k_BxLxNxD, v_BxLxNxD = pad(q_BxQxNxD, q), pad(k_BxLxNxD, l), pad(v_BxLxNxD, l)
+    mask_Bx1xQxL = jnp.pad(mask_Bx1xQxL, [(0, 0), (0, 0), (0, q % 2), (0, l % 2)])
+  out_BxQxNxD = jax.nn.dot_product_attention(q_BxQxNxD, k_BxLxNxD, v_BxLxNxD, mask=mask_Bx1xQxL, scale=1.0,
+                                             implementation=implementation)
+  return out_BxQxNxD[:, :q]
+
+
 class SelfAttention(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
   def __call__(self, queries_BxQxH, x_BxLxH, mask_Bx1xQxL, deterministic: bool):
-    """Attention of the query tokens over all tokens x (queries is x itself, or a subset of it)."""
+    """Attention of the query tokens over all tokens x (queries is x itself, or a subset of it), computed
+    by cfg.attention: `einsum` (with attention dropout) or jax's fused `xla` / `cudnn` (without)."""
     cfg = self.cfg
     (b, l, h), q = x_BxLxH.shape, queries_BxQxH.shape[1]
     n, d = cfg.num_heads, h // cfg.num_heads
@@ -158,13 +187,15 @@ class SelfAttention(nn.Module):
     k_BxLxNxD = dense(cfg, h, "key")(x_BxLxH).reshape(b, l, n, d)
     v_BxLxNxD = dense(cfg, h, "value")(x_BxLxH).reshape(b, l, n, d)
     q_BxQxNxD = q_BxQxNxD / jnp.sqrt(d).astype(q_BxQxNxD.dtype)
-    # Scores and softmax in float32 even under bfloat16 compute: the sum over keys needs the range.
-    scores_BxNxQxL = jnp.einsum("bqnd,bknd->bnqk", q_BxQxNxD, k_BxLxNxD, preferred_element_type=jnp.float32)
-    scores_BxNxQxL = jnp.where(mask_Bx1xQxL, scores_BxNxQxL, jnp.finfo(jnp.float32).min)
-    probs_BxNxQxL = jax.nn.softmax(scores_BxNxQxL, axis=-1).astype(x_BxLxH.dtype)
-    probs_BxNxQxL = Dropout(cfg.attention_dropout)(probs_BxNxQxL, deterministic=deterministic)
-    ctx_BxQxH = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxQxL, v_BxLxNxD).reshape(b, q, h)
-    return dense(cfg, h, "out")(ctx_BxQxH)
+    if cfg.attention == "einsum":
+      dropout = lambda p: Dropout(cfg.attention_dropout)(p, deterministic=deterministic)
+      ctx_BxQxNxD = einsum_attention(q_BxQxNxD, k_BxLxNxD, v_BxLxNxD, mask_Bx1xQxL, dropout)
+    elif deterministic or cfg.attention_dropout == 0.0:
+      ctx_BxQxNxD = fused_attention(cfg.attention, q_BxQxNxD, k_BxLxNxD, v_BxLxNxD, mask_Bx1xQxL)
+    else:  # config.resolve_attention never picks this; a hand-built config must not drop dropout silently
+      raise UserError(f"attention {cfg.attention!r} cannot apply attention dropout ({cfg.attention_dropout}); "
+                      "use attention 'einsum' or attention dropout 0")
+    return dense(cfg, h, "out")(ctx_BxQxNxD.reshape(b, q, h))
 
 
 class Layer(nn.Module):
