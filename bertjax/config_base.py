@@ -86,21 +86,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def flat_keys(cfg, prefix: str = "") -> list[str]:
-  """Dotted leaf keys of a (nested) config: ['model.name_or_path', 'model.dtype', ...]."""
-  out = []
-  for k, v in cfg.items():
-    if hasattr(v, "items"):
-      out += flat_keys(v, f"{prefix}{k}.")
-    else:
-      out.append(f"{prefix}{k}")
+def flatten(tree, prefix: str = "") -> dict[str, Any]:
+  """A nested config or dict by dotted leaf key: {'optimizer': {'learning_rate': v}} -> {'optimizer.learning_rate': v}."""
+  out = {}
+  for k, v in tree.items():
+    out.update(flatten(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v})
   return out
 
 
 def check_keys(keys, what: str = "config key") -> None:
   """A key not in `base_config()` raises a one-line UserError naming it, the closest key and all valid keys."""
   import difflib
-  valid = sorted(flat_keys(base_config()))
+  valid = sorted(flatten(base_config()))
   for key in keys:
     if key not in valid:
       close = difflib.get_close_matches(key, valid, n=1)

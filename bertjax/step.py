@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bertjax import sharding
 from bertjax.data.batching import Batch
 from bertjax.models.heads import SequenceClassifier, model_inputs
 
@@ -20,14 +21,22 @@ class TrainState:
   rng: jax.Array  # uint32[2] raw key; dropout keys are fold_in(rng, step)
 
 
+def new_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """A run's first state: step 0, the optimizer's initial state, the raw key of `seed`. Traceable: jit it (with
+  out_shardings) to build it on the devices, or `jax.eval_shape` it for its shapes."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.PRNGKey(seed))
+
+
 def per_example_loss(logits_BxSxC, labels_BxS, regression: bool):
   if regression:
     return jnp.square(logits_BxSxC[..., 0] - labels_BxS)
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxSxC, labels_BxS)
 
 
-def _sums(model: SequenceClassifier, params, batch: Batch, regression: bool, dropout_key):
-  """Sum of per-example losses over real examples, and per-example stats (no averaging yet)."""
+def loss_sums(model: SequenceClassifier, params, batch: Batch, regression: bool, dropout_key):
+  """(sum of the real examples' losses, (correct predictions, real examples)): the forward pass of a train
+  step (dropout with `dropout_key`; None: none), before any averaging."""
   deterministic = dropout_key is None
   rngs = None if deterministic else {"dropout": dropout_key}
   fields = batch.fields()
@@ -57,7 +66,7 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
     denom = jnp.maximum(jnp.sum(batch.fields()["example_mask"]), 1.0)
 
     def mean_loss(p, b, k):
-      loss_sum, aux = _sums(model, p, b, regression, k)
+      loss_sum, aux = loss_sums(model, p, b, regression, k)
       return loss_sum / denom, aux
 
     vg = jax.value_and_grad(mean_loss, has_aux=True)
@@ -91,6 +100,13 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
     return new_state, metrics
 
   return train_step
+
+
+def jit_train_step(step_fn: Callable, state_shardings, mesh) -> Callable:
+  """A train step as the loop runs it: jitted with explicit in/out shardings (batch rows over the mesh), the
+  state donated."""
+  return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 # On a CPU a train step's time per example grows once a micro-batch's activations leave the caches: MiniLM

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from bertjax import resume, trainer
+from bertjax import resume, run_summary, trainer
 from bertjax.errors import UserError
 from bertjax.workdir import load_run
 from conftest import demo_setup, make_hf_classifier
@@ -369,7 +369,7 @@ def test_auto_accumulation_trains_what_the_same_explicit_setting_trains(setup, t
   chosen = auto.grad_accum_steps
   assert chosen == step.auto_accumulation(rows, auto.data.train.batcher.row_length, 32, "cpu") > 1
   assert rows % chosen == 0 and rows // chosen * auto.data.train.batcher.row_length <= 200
-  assert f"{chosen} accumulated micro-batches of {rows // chosen} rows per device (auto)" in auto._start_lines(0)[2]
+  assert f"{chosen} accumulated micro-batches of {rows // chosen} rows per device (auto)" in run_summary.start_lines(auto, 0)[2]
   auto.run()
   for name, accum in (("same", chosen), ("one", 1)):
     trainer.Trainer(demo_config(data, model, **common, **{"train.grad_accum_steps": accum}),

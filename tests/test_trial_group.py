@@ -17,7 +17,7 @@ from bertjax import demo_data, optim, trainer, trial_group
 from bertjax.errors import UserError
 from bertjax.workdir import load_run
 from conftest import tiny_bert_with_tokenizer
-from test_optim import make_cfg, toy_params
+from test_optim import make_cfg, make_optimizer, toy_params
 from test_train import REPO, demo_config
 
 # float32 products: with bfloat16 operands (matmul_dtype=auto on a CPU with bf16 dot instructions) the vmapped
@@ -121,7 +121,7 @@ def test_group_key_separates_shape_changing_configs(setup):
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
-def test_injected_optimizer_matches_make_optimizer(name):
+def test_injected_optimizer_matches_the_single_run_optimizer(name):
   """One vmapped update of stacked states equals each trial's own optimizer."""
   params = toy_params()
   cfgs = [make_cfg(name=name, learning_rate=1e-2, weight_decay=0.0, clip_norm=0.0, schedule="linear",
@@ -140,7 +140,7 @@ def test_injected_optimizer_matches_make_optimizer(name):
     return optax.apply_updates(p, u), s
 
   group_update = jax.jit(jax.vmap(lambda g, s, p: apply(txs[0], g, s, p), in_axes=(None, 0, 0)))
-  singles = [optim.make_optimizer(c, params, 10, 32)[0] for c in cfgs]
+  singles = [make_optimizer(c, params, 10, 32)[0] for c in cfgs]
   alone = [(params, t.init(params)) for t in singles]
   rng = np.random.default_rng(0)
   for _ in range(5):
@@ -194,17 +194,17 @@ def test_trial_save_cut_short_is_completed_on_resume(setup, group_run, monkeypat
   class Killed(Exception):
     pass
 
-  real = trial_group.TrialGroup._save_member
+  real = trial_group.save_run
 
-  def cut(self, member, step, *args):
-    if step == 15 and member.index == 1:
+  def cut(checkpoints, state, loop):
+    if loop.step == 15 and checkpoints.directory.startswith(workdirs[1]):
       raise Killed()
-    return real(self, member, step, *args)
+    return real(checkpoints, state, loop)
 
-  monkeypatch.setattr(trial_group.TrialGroup, "_save_member", cut)
+  monkeypatch.setattr(trial_group, "save_run", cut)
   with pytest.raises(Killed):
     trial_group.train_group(trial_configs(data, model), workdirs)
-  monkeypatch.setattr(trial_group.TrialGroup, "_save_member", real)
+  monkeypatch.setattr(trial_group, "save_run", real)
   assert load_run(workdirs[0], "latest").step == 15 and load_run(workdirs[1], "latest").step == 10
   trial_group.train_group(trial_configs(data, model), workdirs)
   for a, b in zip(workdirs, straight):
@@ -221,17 +221,17 @@ def test_group_without_its_group_workdir_goes_on_from_the_trials(setup, group_ru
   class Killed(Exception):
     pass
 
-  real = trial_group.TrialGroup._save_member
+  real = trial_group.save_run
 
-  def cut(self, member, step, *args):
-    if step == 25:
+  def cut(checkpoints, state, loop):
+    if loop.step == 25:
       raise Killed()
-    return real(self, member, step, *args)
+    return real(checkpoints, state, loop)
 
-  monkeypatch.setattr(trial_group.TrialGroup, "_save_member", cut)
+  monkeypatch.setattr(trial_group, "save_run", cut)
   with pytest.raises(Killed):
     trial_group.train_group(trial_configs(data, model), workdirs, str(group_dir))
-  monkeypatch.setattr(trial_group.TrialGroup, "_save_member", real)
+  monkeypatch.setattr(trial_group, "save_run", real)
   assert [load_run(w, "latest").step for w in workdirs] == [20, 20, 20]
   trial_group.train_group(trial_configs(data, model), workdirs, str(tmp_path / "second_group"))
   for a, b in zip(workdirs, straight):
