@@ -248,6 +248,7 @@ def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   from bertjax.data import pipeline
   from bertjax.models import hf_weights
   from bertjax.models.config import from_hf_config
+  from bertjax import optim
   from bertjax.peer_torch import TorchPeer, in_order, length_grouped
 
   folder = hf_weights.resolve_folder(config.model.name_or_path)
@@ -262,10 +263,11 @@ def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   train_tok, train_labels = data.train.batcher.tokenized, data.train.labels
   lengths = train_tok.lengths
   eval_split = data.eval if FLAGS.eval else None
+  # The optimizer values the bertjax run resolved (batch rule included), rebuilt from the same config.
+  opt_plan = optim.plan_optimizer(config.optimizer, plan["total_steps"], tc.global_batch_size)
   peers = {}
   for dtype in plan["peer_dtypes"]:  # each its own model and optimizer, trained on the same blocks
-    peers[dtype] = TorchPeer(folder, data.num_labels, config.optimizer, plan["total_steps"], seed=tc.seed,
-                             bf16=dtype == "bfloat16")
+    peers[dtype] = TorchPeer(folder, data.num_labels, opt_plan, seed=tc.seed, bf16=dtype == "bfloat16")
     if plan["warmup"]:
       peers[dtype].train(train_tok, train_labels, in_order(plan["warmup"], tc.global_batch_size))
     if eval_split is not None:
