@@ -15,6 +15,6 @@ def get_sweep():
           "optimizer.lr_scaling": ["linear", "sqrt"],
           "optimizer.name": ["adamw", "lamb"],
       },
-      "metric": "best.eval_accuracy",
+      "metric": "best.accuracy",
       "mode": "max",
   }
