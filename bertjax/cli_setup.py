@@ -19,12 +19,15 @@ def run_cli(main: Callable) -> None:
   (transformers' "PyTorch was not found" on every start without torch, the normal case for a JAX user)."""
   from absl import app
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # read when transformers logs it
-  try:
-    flags.FLAGS(sys.argv)
-  except (flags.Error, UserError) as e:
-    print(f"error: {first_line(e)}", file=sys.stderr)
-    sys.exit(2)
-  app.run(main)
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except (flags.Error, UserError) as e:
+      print(f"error: {first_line(e)}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(main, flags_parser=parse)
 
 
 def define_flags() -> None:
