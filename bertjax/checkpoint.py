@@ -43,15 +43,16 @@ class CheckpointError(RuntimeError):
 
 
 def _ranking(metric: str):
-  """The key orbax ranks checkpoints by, lowest best: the metric, negated when higher is better; a NaN or
-  missing value never wins."""
+  """The key orbax ranks checkpoints by, lowest best: the metric, negated when higher is better, then the
+  step, so that the earlier of two equal evals wins (as in the training loop, `metrics.is_better`); a NaN
+  or missing value never wins."""
   sign = 1.0 if BEST_MODES[metric] == "min" else -1.0
 
-  def key(metrics: dict[str, Any]) -> float:
+  def key(metrics: dict[str, Any]) -> tuple[float, int]:
     value = metrics.get(metric)
     if value is None or math.isnan(float(value)):
-      return math.inf
-    return sign * float(value)
+      return math.inf, 0
+    return sign * float(value), int(metrics.get("step", 0))
 
   return key
 
@@ -127,7 +128,7 @@ class Checkpoints:
     retention. Returns whether a save was started. Raises CheckpointError if this
     save, or the previous asynchronous one it waits for, fails.
     """
-    json_metrics = None if metrics is None else _json_metrics(metrics, self.best_metric)
+    json_metrics = None if metrics is None else {**_json_metrics(metrics, self.best_metric), "step": step}
     args = ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(state),
         _META: ocp.args.JsonSave(meta),

