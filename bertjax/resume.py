@@ -76,7 +76,7 @@ def changed_settings(workdir: Path, config: ml_collections.ConfigDict) -> dict[s
 def record_changes(run, runlog, step: int) -> None:
   """A resumed run's allowed changes (`run.config_changes`): a `config` line in metrics.jsonl at the resumed
   step, config.json rewritten with the new settings and the history of changes, and a start line."""
-  if not run.config_changes:
+  if not run.config_changes or step == 0:  # no checkpoint to go on from: a fresh start, not a change
     return
   changed = {key: {"old": old, "new": new} for key, (old, new) in run.config_changes.items()}
   runlog.write_record(step, "config", {"changed": changed})

@@ -54,7 +54,7 @@ lines = [
 ]
 for r in rows:
   lines.append(f"| {r['batch']} | {r['scaling']} | {r['optimizer']} | {r['lr']:.3g} | {r['steps']} | "
-               f"{fmt(r['best'], 'eval_accuracy')} | {fmt(r['final'], 'eval_accuracy')} | {fmt(r['final'], 'eval_loss')} | "
+               f"{fmt(r['best'], 'accuracy')} | {fmt(r['final'], 'accuracy')} | {fmt(r['final'], 'eval_loss')} | "
                f"{'-' if r['eps'] is None else format(r['eps'], '.1f')} |")
 out = Path("docs/large_batch.md")
 text = "\n".join(lines) + "\n"

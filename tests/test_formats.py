@@ -3,6 +3,7 @@ and one-line errors for what is wrong with them."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,7 +148,7 @@ def test_bad_tables_exit_2_and_write_nothing(tmp_path, source, match):
   result = _train_cli(tmp_path, f"--config.data.train={spec}")
   lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
   assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
-  assert __import__("re").search(match, lines[0]) and not (tmp_path / "w").exists()
+  assert re.search(match, lines[0]) and not (tmp_path / "w").exists()
 
 
 def test_training_reads_a_datasets_folder(tmp_path):
