@@ -343,9 +343,10 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, logging
+  from absl import logging
+  from bertjax.cli_setup import run_cli
   from bertjax.host_memory import keep_freed_memory
   keep_freed_memory()  # before jax creates its CPU client
   _define_flags()
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  run_cli(main)

@@ -20,14 +20,16 @@ import numpy as np
 from bertjax import checkpoint as ckpt_lib
 from bertjax import cli_setup, matmul_peak, optim, plot, resume, run_log, run_summary, sharding
 from bertjax import workdir as workdir_lib
+from bertjax.config_base import check_values
 from bertjax.data import pipeline
 from bertjax.data.prefetch import Prefetch
 from bertjax.errors import UserError, first_line
 from bertjax.evaluate import Evaluator
+from bertjax.metrics import is_better
 from bertjax.models import hf_weights
 from bertjax.models.config import from_hf_config, resolve_attention, resolve_attention_dropout, resolve_dtypes
 from bertjax.models.heads import SequenceClassifier
-from bertjax.step import CompiledByShape, TrainState, auto_accumulation, make_train_step
+from bertjax.step import CompiledByShape, TrainState, auto_accumulation, class_weight_vector, make_train_step
 from bertjax.stop_signal import StopSignal
 
 
@@ -137,10 +139,12 @@ class Trainer:
     self.deterministic = cli_setup.deterministic_ops(tc.deterministic, jax.default_backend())
     if config.data.task not in ("classification", "regression"):
       raise UserError(f"data.task must be classification or regression, got {config.data.task!r}")
+    check_values(config)
     if not config.data.num_shards:  # one shard per process, recorded so a resume reads the same shards
       config.data.num_shards = jax.process_count()
     if (self.workdir / "checkpoints").exists():
       resume.check_resume_compatible(self.workdir, config)
+    self.config_changes = resume.changed_settings(self.workdir, config)  # refused unless allowed
 
     # Model folder, tokenizer, data: all validated before anything is written.
     if like is not None:
@@ -157,7 +161,7 @@ class Trainer:
       self.loaded = like.loaded
     else:
       self.loaded = hf_weights.load(str(self.folder), num_labels=self.data.num_labels, dtype=self.dtype,
-                                    seed=tc.seed)
+                                    seed=tc.seed, reinit_head=config.model.reinit_head)
       for note in self.loaded.notes:
         log(f"model: {note}")
     self.model_cfg = self.loaded.cfg.replace(  # `like` may differ in these
@@ -166,6 +170,7 @@ class Trainer:
     self.model = SequenceClassifier(self.model_cfg)
     self.eval_model = SequenceClassifier(self.model_cfg.replace(attention=self.attention.eval))
     self.regression = self.data.task == "regression"
+    self.class_weights = class_weight_vector(tc.class_weights, self.data.train.labels, self.data.num_labels)
 
     # Packed epochs differ by a step or so (each epoch packs its own shuffle), so count them one by one.
     batcher = self.data.train.batcher
@@ -225,7 +230,8 @@ class Trainer:
       return None
     state, meta = member.checkpoints.restore(latest, abstract)
     log(f"{member.label}resumed from {member.run.workdir}/checkpoints/{latest} (epoch {meta['epoch']}, "
-        f"step {meta['step_in_epoch']} of {self.data.train.batcher.steps_in_epoch(meta['epoch'])})")
+        f"step {meta['step_in_epoch']} of {self.data.train.batcher.steps_in_epoch(meta['epoch'])})"
+        + resume.mesh_note(meta.get("mesh"), dict(self.mesh.shape), self.config.train.global_batch_size))
     saved = {"best": meta["best"], "evals_since_best": meta["evals_since_best"],
              "last_eval": meta.get("last_eval"), "skipped_steps": meta["stats"].get("skipped_steps", 0)}
     return state, {"epoch": meta["epoch"], "step_in_epoch": meta["step_in_epoch"], "stats": meta["stats"],
@@ -246,7 +252,7 @@ class Trainer:
   def _make_step_fn(self):
     tc = self.config.train
     return make_train_step(self.model, self.tx, self.schedule, self.regression, self.grad_accum_steps,
-                           tc.skip_nonfinite_steps)
+                           tc.skip_nonfinite_steps, self.class_weights)
 
   def jit_train_step(self, state_shardings):
     """The train step as the loop runs it: jitted with explicit in/out shardings, the state donated."""
@@ -265,11 +271,15 @@ class Trainer:
     """Config, labels and the model folder (HF config + tokenizer) that evaluate/predict/export read."""
     if self.is_primary:
       hf = hf_weights.hf_config_for(self.model_cfg, self.loaded.hf_config, self.data.label_names, self.regression)
-      config = {**resume.config_snapshot(self.config),
-                # what optimizer.lr_scaling and grad_accum_steps=auto chose for this batch size and machine
-                "derived": {"optimizer": {k: new for k, (_, new) in self.opt_plan.derived.items()},
-                            "grad_accum_steps": self.grad_accum_steps}}
-      workdir_lib.write_run_files(self.workdir, config, self.data.task, self.data.label_names, hf, self.tokenizer)
+      workdir_lib.write_run_files(self.workdir, self.config_record(), self.data.task, self.data.label_names, hf,
+                                  self.tokenizer)
+
+  def config_record(self) -> dict:
+    """config.json: the config, and what optimizer.lr_scaling and grad_accum_steps=auto chose for this batch
+    size and machine."""
+    return {**resume.config_snapshot(self.config),
+            "derived": {"optimizer": {k: new for k, (_, new) in self.opt_plan.derived.items()},
+                        "grad_accum_steps": self.grad_accum_steps}}
 
   def _epochs_at(self, step: int) -> float:
     """Epochs completed after `step` steps."""
@@ -286,8 +296,8 @@ class Trainer:
     meta = {"epoch": loop_meta["epoch"], "step_in_epoch": loop_meta["step_in_epoch"], "best": member.best,
             "last_eval": member.last_eval, "evals_since_best": member.evals_since_best,
             "stats": {**loop_meta["stats"], "skipped_steps": member.skipped_steps},
-            "label_names": self.data.label_names}
-    metrics = {"eval_loss": eval_scalars["loss"]} if eval_scalars else None
+            "label_names": self.data.label_names, "mesh": dict(self.mesh.shape)}
+    metrics = eval_scalars or None
     try:
       member.checkpoints.save(step, self._member_state(state, member.index), meta, metrics=metrics)
     except ckpt_lib.CheckpointError as e:
@@ -306,7 +316,8 @@ class Trainer:
     members = self.members = self._members()
     for m in members:
       m.checkpoints = ckpt_lib.Checkpoints(str(m.run.workdir / "checkpoints"), keep_best=True, async_save=True,
-                                           is_primary=self.is_primary, sync_name=f"member{m.index}")
+                                           is_primary=self.is_primary, sync_name=f"member{m.index}",
+                                           best_metric=m.run.config.train.best_metric)
     loop = {"epoch": 0, "step_in_epoch": 0, "stats": {}}
     resumed = self._resume(abstract)
     if resumed is not None:
@@ -323,8 +334,9 @@ class Trainer:
     for m in members:
       m.runlog = run_log.RunLog(str(m.run.workdir), self.is_primary)
       m.runlog.truncate_after(step)
+      resume.record_changes(m.run, m.runlog, step)
       if tc.early_stopping_patience and m.stopped_by is None and m.evals_since_best >= tc.early_stopping_patience:
-        m.stopped_by = f"early stopping (eval loss did not improve for {m.evals_since_best} evals)"
+        m.stopped_by = run_summary.early_stop_reason(m.run.config.train.best_metric, m.evals_since_best)
     for line in self._start_lines(step):
       log(line)
 
@@ -392,8 +404,8 @@ class Trainer:
         m.last_eval = {"step": step, **scalars}
         log(f"{m.label}eval @ step {step}: " + "  ".join(
             f"{k} {v:.4f}" for k, v in scalars.items()
-            if k in ("loss", "accuracy", "macro_f1", "mcc", "pearson", "spearman")))
-        if m.best is None or scalars["loss"] < m.best["eval_loss"]:
+            if k in ("eval_loss", "accuracy", "macro_f1", "mcc", "pearson", "spearman")))
+        if is_better(scalars, m.best, m.run.config.train.best_metric):
           m.best = run_summary.best_entry(step, scalars)
           m.evals_since_best = 0
         else:
@@ -471,7 +483,7 @@ class Trainer:
                 summarize()
               for m in active():
                 if tc.early_stopping_patience and m.evals_since_best >= tc.early_stopping_patience:
-                  m.stopped_by = f"early stopping (eval loss did not improve for {m.evals_since_best} evals)"
+                  m.stopped_by = run_summary.early_stop_reason(m.run.config.train.best_metric, m.evals_since_best)
                   m.end_step = step
               if stopping:
                 signalled = f"signal {stop.received or 'to another process'}"

@@ -158,7 +158,7 @@ class TrialGroup(Trainer):
     def one_trial(state: TrainState, batch: dict):
       schedule = optim.injected_schedule(plan, state.opt_state)
       return make_train_step(self.model, tx, schedule, self.regression, self.grad_accum_steps,
-                             tc.skip_nonfinite_steps)(state, batch)
+                             tc.skip_nonfinite_steps, self.class_weights)(state, batch)
 
     return jax.vmap(one_trial, in_axes=(0, None))
 

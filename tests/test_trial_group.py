@@ -69,7 +69,7 @@ def assert_same_run(a, b, exact: bool):
   for kind in ("train", "eval"):
     la, lb = read_log(a, kind), read_log(b, kind)
     assert [r["step"] for r in la] == [r["step"] for r in lb]
-    keys = ("loss", "accuracy", "learning_rate", "grad_norm") if kind == "train" else ("loss", "accuracy", "macro_f1")
+    keys = ("loss", "accuracy", "learning_rate", "grad_norm") if kind == "train" else ("eval_loss", "accuracy", "macro_f1")
     for key in keys:
       check([r[key] for r in la], [r[key] for r in lb])
   ra, rb = load_run(a, "latest"), load_run(b, "latest")

