@@ -28,7 +28,7 @@ from bertjax import sharding
 from bertjax.data.batching import Batcher
 from bertjax.data.prefetch import Prefetch
 from bertjax.errors import UserError, exit_on_user_error
-from bertjax.models.encoder import cast_kernels
+from bertjax.models.layers import cast_kernels
 from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, make_eval_step
 

@@ -95,8 +95,9 @@ def decay_mask(params: Any) -> Any:
 def layer_depths(params: Any) -> tuple[Any, int]:
   """Depth of each leaf and the number n of encoder layers.
 
-  `encoder/embeddings/...` is depth 0, `encoder/layer_k/...` is k+1; everything else (the
-  head, a pooler or a final encoder norm sitting above the last layer) is n+1.
+  `encoder/embeddings/...` and `encoder/relative/...` (DeBERTa's relative position embeddings, an input to
+  every layer like the absolute ones) are depth 0, `encoder/layer_k/...` is k+1; everything else (the head, a
+  pooler or ModernBERT's `encoder/final_norm` above the last layer) is n+1.
   """
   if not hasattr(params, "keys"):
     raise UserError("layer-wise LR decay needs a params dict with an 'encoder' entry")
@@ -117,7 +118,7 @@ def layer_depths(params: Any) -> tuple[Any, int]:
   def depth(path, _):
     names = [_key_name(p) for p in path]
     if len(names) >= 2 and names[0] == "encoder":
-      if names[1] == "embeddings":
+      if names[1] in ("embeddings", "relative"):
         return 0
       if m := _LAYER_KEY.fullmatch(names[1]):
         return int(m.group(1)) + 1

@@ -21,11 +21,18 @@ from bertjax.models.heads import SequenceClassifier
 
 # Pretraining heads and buffers a fine-tuning checkpoint may carry; dropped with a one-line note.
 _IGNORABLE = re.compile(
-    r"^(cls\.|lm_head\.|predictions\.|sop_classifier\.|discriminator_predictions\.|generator_|"
-    r"(bert|roberta|electra|albert)?\.?embeddings\.(position_ids|token_type_ids)$)")
+    r"^(cls\.|lm_head\.|predictions\.|sop_classifier\.|discriminator_predictions\.|generator_|lm_predictions\.|"
+    r"mask_predictions\.|decoder\.|vocab_(transform|layer_norm|projector)\.|"
+    r"(bert|roberta|electra|albert|distilbert|deberta)?\.?embeddings\.(position_ids|token_type_ids)$)")
 # RoBERTa and ELECTRA checkpoints may include a BERT-style pooler their classification head never uses.
 _UNUSED_POOLER = re.compile(r"^(roberta|electra)\.pooler\.")
-_HF_CLASSES = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra", "albert": "Albert"}
+# Per family: the base model's prefix in tensor names, and the transformers class name stem.
+_PREFIXES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta",
+             "electra": "electra", "albert": "albert", "distilbert": "distilbert", "deberta-v2": "deberta",
+             "modernbert": "model"}
+_HF_CLASSES = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
+               "electra": "Electra", "albert": "Albert", "distilbert": "DistilBert", "deberta-v2": "DebertaV2",
+               "modernbert": "ModernBert"}
 
 
 @dataclasses.dataclass
@@ -38,40 +45,88 @@ class Loaded:
   notes: list[str]
 
 
-def _modules(cfg: EncoderConfig) -> list[tuple[str, tuple[str, ...], str]]:
-  """(Hugging Face module name, our param path, kind) for every module of the model."""
-  p = cfg.family + "."
-  emb = ("encoder", "embeddings")
-  mods = [(p + "embeddings.word_embeddings", emb + ("word",), "embed"),
-          (p + "embeddings.position_embeddings", emb + ("position",), "embed"),
-          (p + "embeddings.token_type_embeddings", emb + ("token_type",), "embed"),
-          (p + "embeddings.LayerNorm", emb + ("norm",), "norm")]
-  if cfg.family == "albert":
-    mods.append((p + "encoder.embedding_hidden_mapping_in", emb + ("project",), "dense"))
-    per_layer = {"attention.query": ("attention", "query"), "attention.key": ("attention", "key"),
-                 "attention.value": ("attention", "value"), "attention.dense": ("attention", "out"),
-                 "attention.LayerNorm": ("attention_norm",), "ffn": ("mlp_in",), "ffn_output": ("mlp_out",),
-                 "full_layer_layer_norm": ("mlp_norm",)}
-    for k in range(cfg.param_layers):
-      g, j = divmod(k, cfg.inner_group_num)
-      for hf, ours in per_layer.items():
-        kind = "norm" if "orm" in hf else "dense"
-        mods.append((f"{p}encoder.albert_layer_groups.{g}.albert_layers.{j}.{hf}", ("encoder", f"layer_{k}") + ours,
-                     kind))
+Module = tuple[str, tuple[str, ...], str]  # (Hugging Face module name, our param path, kind: embed/norm/dense)
+
+
+def _dense(bias: bool) -> str:
+  return "dense" if bias else "dense_nobias"
+
+
+def _norm(bias: bool) -> str:
+  return "norm" if bias else "norm_nobias"
+
+
+def _layer_modules(cfg: EncoderConfig, p: str) -> list[Module]:
+  """Each layer's modules: ALBERT's shared groups, DistilBERT's names, the BERT layout (DeBERTa's too), or
+  ModernBERT's pre-LN layer."""
+  family, mods = cfg.family, []
+  if family == "albert":
+    names = {"attention.query": ("attention", "query"), "attention.key": ("attention", "key"),
+             "attention.value": ("attention", "value"), "attention.dense": ("attention", "out"),
+             "attention.LayerNorm": ("attention_norm",), "ffn": ("mlp_in",), "ffn_output": ("mlp_out",),
+             "full_layer_layer_norm": ("mlp_norm",)}
+    layer_name = lambda k: "{}encoder.albert_layer_groups.{}.albert_layers.{}.".format(
+        p, *divmod(k, cfg.inner_group_num))
+  elif family == "distilbert":
+    names = {"attention.q_lin": ("attention", "query"), "attention.k_lin": ("attention", "key"),
+             "attention.v_lin": ("attention", "value"), "attention.out_lin": ("attention", "out"),
+             "sa_layer_norm": ("attention_norm",), "ffn.lin1": ("mlp_in",), "ffn.lin2": ("mlp_out",),
+             "output_layer_norm": ("mlp_norm",)}
+    layer_name = lambda k: f"{p}transformer.layer.{k}."
+  elif family == "modernbert":
+    names = {"attn_norm": ("attention_norm",), "attn.Wqkv": ("attention", "qkv"), "attn.Wo": ("attention", "out"),
+             "mlp_norm": ("mlp_norm",), "mlp.Wi": ("mlp_in",), "mlp.Wo": ("mlp_out",)}
+    layer_name = lambda k: f"{p}layers.{k}."
   else:
-    if cfg.project_embeddings:
-      mods.append((p + "embeddings_project", emb + ("project",), "dense"))
-    per_layer = {"attention.self.query": ("attention", "query"), "attention.self.key": ("attention", "key"),
-                 "attention.self.value": ("attention", "value"), "attention.output.dense": ("attention", "out"),
-                 "attention.output.LayerNorm": ("attention_norm",), "intermediate.dense": ("mlp_in",),
-                 "output.dense": ("mlp_out",), "output.LayerNorm": ("mlp_norm",)}
-    for k in range(cfg.param_layers):
-      for hf, ours in per_layer.items():
-        kind = "norm" if "LayerNorm" in hf else "dense"
-        mods.append((f"{p}encoder.layer.{k}.{hf}", ("encoder", f"layer_{k}") + ours, kind))
+    proj = "_proj" if family == "deberta-v2" else ""
+    names = {f"attention.self.query{proj}": ("attention", "query"), f"attention.self.key{proj}": ("attention", "key"),
+             f"attention.self.value{proj}": ("attention", "value"), "attention.output.dense": ("attention", "out"),
+             "attention.output.LayerNorm": ("attention_norm",), "intermediate.dense": ("mlp_in",),
+             "output.dense": ("mlp_out",), "output.LayerNorm": ("mlp_norm",)}
+    layer_name = lambda k: f"{p}encoder.layer.{k}."
+  for k in range(cfg.param_layers):
+    for hf, ours in names.items():
+      if family == "modernbert" and k == 0 and hf == "attn_norm":
+        continue  # the first layer's input is the embeddings' LayerNorm
+      if "orm" in hf:
+        kind = _norm(cfg.norm_bias)
+      else:
+        kind = _dense(family != "modernbert" or (cfg.mlp_bias if "mlp" in hf else cfg.attention_bias))
+      mods.append((layer_name(k) + hf, ("encoder", f"layer_{k}") + ours, kind))
+  return mods
+
+
+def _modules(cfg: EncoderConfig) -> list[Module]:
+  """(Hugging Face module name, our param path, kind) for every module of the model."""
+  family, p = cfg.family, _PREFIXES[cfg.family] + "."
+  emb = ("encoder", "embeddings")
+  word = "tok_embeddings" if family == "modernbert" else "word_embeddings"
+  mods = [(f"{p}embeddings.{word}", emb + ("word",), "embed")]
+  if cfg.absolute_positions:
+    mods.append((p + "embeddings.position_embeddings", emb + ("position",), "embed"))
+  if cfg.type_vocab_size > 0:
+    mods.append((p + "embeddings.token_type_embeddings", emb + ("token_type",), "embed"))
+  mods.append((p + ("embeddings.norm" if family == "modernbert" else "embeddings.LayerNorm"), emb + ("norm",),
+               _norm(cfg.norm_bias)))
+  if family == "albert":
+    mods.append((p + "encoder.embedding_hidden_mapping_in", emb + ("project",), "dense"))
+  elif cfg.project_embeddings:
+    mods.append((p + "embeddings_project", emb + ("project",), "dense"))
+  if cfg.architecture == "deberta":
+    mods += [(p + "encoder.rel_embeddings", ("encoder", "relative"), "embed"),
+             (p + "encoder.LayerNorm", ("encoder", "relative", "norm"), "norm")]
+  mods += _layer_modules(cfg, p)
+  if cfg.architecture == "modernbert":
+    mods.append((p + "final_norm", ("encoder", "final_norm"), _norm(cfg.norm_bias)))
   if cfg.head == "pooler":
-    pooler = p + ("pooler" if cfg.family == "albert" else "pooler.dense")
+    pooler = {"albert": p + "pooler", "distilbert": "pre_classifier"}.get(family, p + "pooler.dense")
     mods += [(pooler, ("head", "pooler"), "dense"), ("classifier", ("head", "out"), "dense")]
+  elif cfg.head == "dense_norm":
+    mods += [("head.dense", ("head", "dense"), _dense(cfg.head_bias)), ("head.norm", ("head", "norm"),
+                                                                         _norm(cfg.norm_bias)),
+             ("classifier", ("head", "out"), "dense")]
+  elif family == "deberta-v2":
+    mods += [("pooler.dense", ("head", "dense"), "dense"), ("classifier", ("head", "out"), "dense")]
   else:
     mods += [("classifier.dense", ("head", "dense"), "dense"), ("classifier.out_proj", ("head", "out"), "dense")]
   return mods
@@ -81,7 +136,9 @@ def tensor_map(cfg: EncoderConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
   """Hugging Face tensor name -> (our leaf path, transpose?)."""
   leaves = {"embed": [("weight", "embedding", False)],
             "norm": [("weight", "scale", False), ("bias", "bias", False)],
-            "dense": [("weight", "kernel", True), ("bias", "bias", False)]}
+            "norm_nobias": [("weight", "scale", False)],
+            "dense": [("weight", "kernel", True), ("bias", "bias", False)],
+            "dense_nobias": [("weight", "kernel", True)]}
   out = {}
   for hf, path, kind in _modules(cfg):
     for hf_leaf, leaf, transpose in leaves[kind]:
@@ -92,9 +149,15 @@ def tensor_map(cfg: EncoderConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
 def _canonical(name: str, family: str, known: dict) -> str:
   """Old and prefix-less spellings (LayerNorm.gamma/beta, a base model saved without its prefix)."""
   name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
-  if name not in known and f"{family}.{name}" in known:
-    return f"{family}.{name}"
+  prefixed = f"{_PREFIXES[family]}.{name}"
+  if name not in known and prefixed in known:
+    return prefixed
   return name
+
+
+def head_output_tensor(cfg: EncoderConfig) -> str:
+  """The Hugging Face name of the classifier's output weight (its rows are the labels)."""
+  return next(name for name, (path, _) in tensor_map(cfg).items() if path == ("head", "out", "kernel"))
 
 
 def read_tensors(folder: Path) -> tuple[dict[str, np.ndarray], str]:
@@ -225,7 +288,7 @@ def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32
   tensors, source = read_tensors(folder)
   known = tensor_map(cfg)
   tensors = {_canonical(k, cfg.family, known): v for k, v in tensors.items()}
-  head_out = "classifier.weight" if cfg.head == "pooler" else "classifier.out_proj.weight"
+  head_out = head_output_tensor(cfg)
   replaced = ""  # the note on a replaced output layer
   if head_out in tensors:
     ckpt_labels = tensors[head_out].shape[0]
