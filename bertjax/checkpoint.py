@@ -7,8 +7,9 @@ config snapshot). Orbax (0.12.8, local disk) writes a step into
 disk, so a run killed mid-save leaves a tmp folder that is never listed as a step and
 is deleted by the next run before its first save.
 
-Retention keeps exactly two checkpoints: the latest one, and the one with the lowest
-`eval_loss` among those saved with metrics (they may coincide). Orbax 0.12.8 says this
+Retention keeps exactly two checkpoints: the latest one, and the best one by `best_metric`
+(`train.best_metric`: the lowest `eval_loss` by default, else the highest accuracy, macro_f1, ...)
+among those saved with metrics (they may coincide). Orbax 0.12.8 says this
 with one preservation policy, `AnyPreservationPolicy([LatestN(1), BestN(n=1)])`; old
 steps are deleted only after the new step is finalised, so a failed save never costs
 an earlier checkpoint.
@@ -29,9 +30,10 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from bertjax.metrics import BEST_MODES
+
 PyTree = Any
 
-_LOSS_KEY = "eval_loss"
 _STATE = "state"
 _META = "meta"
 
@@ -40,20 +42,26 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be written; earlier finalised checkpoints are untouched."""
 
 
-def _loss_for_ranking(metrics: dict[str, Any]) -> float:
-  """The value orbax ranks checkpoints by; a NaN or missing loss never wins."""
-  value = metrics.get(_LOSS_KEY)
-  if value is None:
-    return math.inf
-  value = float(value)
-  return math.inf if math.isnan(value) else value
+def _ranking(metric: str):
+  """The key orbax ranks checkpoints by, lowest best: the metric, negated when higher is better, then the
+  step, so that the earlier of two equal evals wins (as in the training loop, `metrics.is_better`); a NaN
+  or missing value never wins."""
+  sign = 1.0 if BEST_MODES[metric] == "min" else -1.0
+
+  def key(metrics: dict[str, Any]) -> tuple[float, int]:
+    value = metrics.get(metric)
+    if value is None or math.isnan(float(value)):
+      return math.inf, 0
+    return sign * float(value), int(metrics.get("step", 0))
+
+  return key
 
 
-def _json_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+def _json_metrics(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
   """Turns jax/numpy scalars into floats: orbax stores metrics as JSON."""
-  if _LOSS_KEY not in metrics:
+  if metric not in metrics:
     raise ValueError(
-        f"checkpoint metrics need {_LOSS_KEY!r} to rank checkpoints; got keys "
+        f"checkpoint metrics need {metric!r} to rank checkpoints; got keys "
         f"{sorted(metrics)}")
   out = {}
   for name, value in metrics.items():
@@ -75,20 +83,23 @@ class Checkpoints:
   """Saves, lists, prunes and restores the checkpoints of one training run."""
 
   def __init__(self, directory: str, keep_best: bool = True,
-               async_save: bool = True, *, is_primary: bool, sync_name: str = "checkpoints"):
+               async_save: bool = True, *, is_primary: bool, sync_name: str = "checkpoints",
+               best_metric: str = "eval_loss"):
     self._is_primary = is_primary
+    self.best_metric = best_metric
+    ranking = _ranking(best_metric)
     directory = os.path.abspath(directory)  # orbax refuses relative paths at save time
     policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=1)]
     if keep_best:
-      # reverse=True sorts by descending loss and BestN keeps the tail: the lowest.
+      # reverse=True sorts by descending key and BestN keeps the tail: the lowest.
       # Checkpoints without metrics are the LatestN policy's business only.
       policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=_loss_for_ranking, reverse=True, n=1,
+          get_metric_fn=ranking, reverse=True, n=1,
           keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         # best_fn is what makes orbax record metrics and answer best_step();
         # the preservation policy alone decides what is deleted.
-        best_fn=_loss_for_ranking,
+        best_fn=ranking,
         best_mode="min",
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
@@ -113,11 +124,11 @@ class Checkpoints:
            metrics: dict[str, Any] | None = None, force: bool = False) -> bool:
     """Starts writing `step` (asynchronously unless async_save=False).
 
-    `metrics`, when given, must contain `eval_loss`; it ranks the checkpoint for
+    `metrics`, when given, must contain `best_metric`; it ranks the checkpoint for
     retention. Returns whether a save was started. Raises CheckpointError if this
     save, or the previous asynchronous one it waits for, fails.
     """
-    json_metrics = None if metrics is None else _json_metrics(metrics)
+    json_metrics = None if metrics is None else {**_json_metrics(metrics, self.best_metric), "step": step}
     args = ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(state),
         _META: ocp.args.JsonSave(meta),
@@ -164,7 +175,7 @@ class Checkpoints:
     return self._manager.latest_step()
 
   def best_step(self) -> int | None:
-    """The kept step with the lowest eval_loss, or None if none was saved with metrics."""
+    """The kept step best by `best_metric`, or None if none was saved with metrics."""
     return self._manager.best_step()
 
   def all_steps(self) -> list[int]:

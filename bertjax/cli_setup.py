@@ -1,14 +1,33 @@
-"""What train and sweep share on the command line: the multi-process flags, the compilation cache and
-XLA's deterministic GPU ops."""
+"""What the command-line tools share: how they start (`run_cli`), and for train and sweep the multi-process
+flags, the compilation cache and XLA's deterministic GPU ops."""
 
 import os
+import sys
+from typing import Callable
 
 from absl import flags
 
-from bertjax.errors import UserError
+from bertjax.errors import UserError, first_line
 
 DETERMINISTIC = ("auto", "true", "false")
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def run_cli(main: Callable) -> None:
+  """absl's app.run(main) for a bertjax command: a bad flag (unknown, or a value of the wrong type) is one line
+  and exit code 2, as any bad input; third-party notes that do not concern the user stay off the terminal
+  (transformers' "PyTorch was not found" on every start without torch, the normal case for a JAX user)."""
+  from absl import app
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # read when transformers logs it
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except (flags.Error, UserError) as e:
+      print(f"error: {first_line(e)}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(main, flags_parser=parse)
 
 
 def define_flags() -> None:

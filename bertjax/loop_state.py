@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from bertjax import checkpoint as ckpt_lib
+from bertjax import resume
 from bertjax.errors import WriteFailed, first_line
 from bertjax.run_log import log
 
@@ -27,7 +28,7 @@ class Stats:
 @dataclasses.dataclass
 class RunRecord:
   """One run's evals and how it ended (a trial group keeps one per trial)."""
-  best: dict | None = None  # the eval with the lowest eval loss (run_summary.best_entry)
+  best: dict | None = None  # the best eval by train.best_metric (run_summary.best_entry)
   evals_since_best: int = 0
   last_eval: dict | None = None  # {"step", **eval scalars}
   skipped_steps: int = 0  # updates skipped for a non-finite loss (train.skip_nonfinite_steps)
@@ -43,6 +44,7 @@ class LoopState:
   step: int = 0
   epoch: int = 0
   step_in_epoch: int = 0
+  mesh: dict | None = None  # the device mesh's shape it was saved on (a resume may run on other devices)
   stats: Stats = dataclasses.field(default_factory=Stats)
   runs: list[RunRecord] = dataclasses.field(default_factory=lambda: [RunRecord()])
 
@@ -62,7 +64,7 @@ class LoopState:
                "skipped_steps": meta["stats"].get("skipped_steps", 0)}]
     stats = {f.name: meta["stats"][f.name] for f in dataclasses.fields(Stats) if f.name in meta["stats"]}
     return cls(step=meta.get("step", step), epoch=meta["epoch"], step_in_epoch=meta["step_in_epoch"],
-               stats=Stats(**stats), runs=[RunRecord(**r) for r in runs])
+               mesh=meta.get("mesh"), stats=Stats(**stats), runs=[RunRecord(**r) for r in runs])
 
   def of_run(self, k: int) -> LoopState:
     """The state as run k's own checkpoint holds it (a trial's is that of a run alone)."""
@@ -73,23 +75,30 @@ class LoopState:
     return [k for k, r in enumerate(self.runs) if r.stopped_by is None]
 
 
-def restore_run(checkpoints: ckpt_lib.Checkpoints, abstract, batcher, label: str = ""):
-  """(train state, loop state) of a run's latest checkpoint, or None when it has none."""
+def resumed_line(where: str, loop: LoopState, trainer) -> str:
+  """The log line of a resumed run: its checkpoint, its data position, and how the devices changed since."""
+  batcher = trainer.data.train.batcher
+  return (f"resumed from {where} (epoch {loop.epoch}, step {loop.step_in_epoch} of "
+          f"{batcher.steps_in_epoch(loop.epoch)})"
+          + resume.mesh_note(loop.mesh, dict(trainer.mesh.shape), trainer.config.train.global_batch_size))
+
+
+def restore_run(checkpoints: ckpt_lib.Checkpoints, trainer, label: str = ""):
+  """(train state, loop state) of the latest checkpoint of `trainer`'s run, or None when it has none."""
   latest = checkpoints.latest_step()
   if latest is None:
     return None
-  state, meta = checkpoints.restore(latest, abstract)
+  state, meta = checkpoints.restore(latest, trainer.abstract_state())
   loop = LoopState.from_meta(meta, latest)
-  log(f"{label}resumed from {checkpoints.directory}/{latest} (epoch {loop.epoch}, step {loop.step_in_epoch} of "
-      f"{batcher.steps_in_epoch(loop.epoch)})")
+  log(label + resumed_line(f"{trainer.workdir}/checkpoints/{latest}", loop, trainer))
   return state, loop
 
 
 def save_run(checkpoints: ckpt_lib.Checkpoints, state, loop: LoopState) -> None:
   """A run's checkpoint of step loop.step (`loop` holding its record alone): its train state and loop state,
-  ranked by its eval loss when it was evaluated at that step."""
+  ranked by its eval scalars (train.best_metric) when it was evaluated at that step."""
   last = loop.runs[0].last_eval
-  metrics = {"eval_loss": last["loss"]} if last and last["step"] == loop.step else None
+  metrics = last if last and last["step"] == loop.step else None
   try:
     checkpoints.save(loop.step, state, loop.to_meta(), metrics=metrics)
   except ckpt_lib.CheckpointError as e:

@@ -6,6 +6,7 @@ No jax here: the evaluator gathers logits to the host once and calls these. Unde
 `zero_division=0`.
 """
 
+import math
 import os
 import warnings
 from typing import Any, Sequence
@@ -13,6 +14,25 @@ from typing import Any, Sequence
 import numpy as np
 
 from bertjax.errors import UserError
+
+
+# The metrics `train.best_metric` may name, with the direction that is better; an eval's scalars (metrics.jsonl's
+# eval lines, summary.json's best and final entries) use these names.
+BEST_MODES = {"eval_loss": "min", "accuracy": "max", "macro_f1": "max", "mcc": "max", "pearson": "max",
+              "spearman": "max"}
+TASK_METRICS = {"classification": ("eval_loss", "accuracy", "macro_f1", "mcc"),
+                "regression": ("eval_loss", "pearson", "spearman")}
+
+
+def is_better(scalars: dict, best: dict | None, metric: str) -> bool:
+  """Whether an eval (`scalars`) beats the best one so far (`best`, None at first) by `metric`: strictly, so the
+  earlier eval wins a tie; a NaN (a constant prediction's correlation) never wins, and loses to any number."""
+  value = float(scalars[metric])
+  if math.isnan(value):
+    return best is None
+  if best is None or best.get(metric) is None or math.isnan(float(best[metric])):
+    return True
+  return value < best[metric] if BEST_MODES[metric] == "min" else value > best[metric]
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:

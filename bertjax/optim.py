@@ -95,8 +95,9 @@ def decay_mask(params: Any) -> Any:
 def layer_depths(params: Any) -> tuple[Any, int]:
   """Depth of each leaf and the number n of encoder layers.
 
-  `encoder/embeddings/...` is depth 0, `encoder/layer_k/...` is k+1; everything else (the
-  head, a pooler or a final encoder norm sitting above the last layer) is n+1.
+  `encoder/embeddings/...` and `encoder/relative/...` (DeBERTa's relative position embeddings, an input to
+  every layer like the absolute ones) are depth 0, `encoder/layer_k/...` is k+1; everything else (the head, a
+  pooler or ModernBERT's `encoder/final_norm` above the last layer) is n+1.
   """
   if not hasattr(params, "keys"):
     raise UserError("layer-wise LR decay needs a params dict with an 'encoder' entry")
@@ -117,7 +118,7 @@ def layer_depths(params: Any) -> tuple[Any, int]:
   def depth(path, _):
     names = [_key_name(p) for p in path]
     if len(names) >= 2 and names[0] == "encoder":
-      if names[1] == "embeddings":
+      if names[1] in ("embeddings", "relative"):
         return 0
       if m := _LAYER_KEY.fullmatch(names[1]):
         return int(m.group(1)) + 1
@@ -186,15 +187,36 @@ def make_schedule(kind: str, peak_lr: float | jax.Array, total_steps: int,
   return schedule
 
 
+# optimizer.lr_scaling=auto (`batch_rule`). Measured on MiniLM/SST-2 (docs/large_batch.md).
+LAMB_FROM_RATIO = 8.0  # AdamW recipes switch to LAMB above this many times their batch (batch > 256 for 32)
+LAMB_LR_PER_ADAM_LR = 14.14  # LAMB's peak LR over AdamW's sqrt-scaled one (4e-3 at batch 1024 for 5e-5 at 32)
+MIN_B2_STEPS = 50.0  # Adam's second moment averages over at least this many steps: b2 <= 1 - 1/50
+
+
 def batch_rule(recipe: dict, ratio: float) -> dict:
   """`optimizer.lr_scaling=auto`: the recipe's values that change when the batch is `ratio` times the batch it
   was tuned for (keys of `recipe`: name, learning_rate, b1, b2, eps, warmup_fraction).
 
-  The learning rate times sqrt(ratio): with the same examples, Adam's step-size noise stays the same (the
-  square-root rule of Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms").
-  Warmup stays the same share of the examples (optimizer.warmup_fraction). The measurements behind the rule are
-  in docs/large_batch.md."""
-  return {"learning_rate": recipe["learning_rate"] * math.sqrt(ratio)} if ratio != 1 else {}
+  - learning rate x sqrt(ratio): with the same examples, Adam's step-size noise stays the same (the square-root
+    rule of Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms");
+  - above LAMB_FROM_RATIO, an AdamW recipe becomes LAMB (trust ratio on the matrices only) at
+    LAMB_LR_PER_ADAM_LR times that rate: LAMB's step is relative to each matrix's norm, so its rate is on
+    another scale, and per-layer normalisation is what keeps the few, large steps stable;
+  - b2 so that the second moment averages over the recipe's number of examples, 1 - ratio * (1 - b2), but
+    never over fewer than MIN_B2_STEPS steps (and never above the recipe's b2);
+  - warmup is a share of the examples already (optimizer.warmup_fraction), so it needs no change.
+  The measurements behind each choice are in docs/large_batch.md."""
+  if ratio == 1:
+    return {}
+  changes = {"learning_rate": recipe["learning_rate"] * math.sqrt(ratio)}
+  if ratio > LAMB_FROM_RATIO and recipe["name"] == "adamw":
+    changes["name"] = "lamb"
+    changes["learning_rate"] *= LAMB_LR_PER_ADAM_LR
+  if ratio > 1 and recipe["name"] in ("adamw", "lamb"):
+    b2 = min(recipe["b2"], max(1.0 - ratio * (1.0 - recipe["b2"]), 1.0 - 1.0 / MIN_B2_STEPS))
+    if b2 != recipe["b2"]:
+      changes["b2"] = b2
+  return changes
 
 
 def scaled_hparams(recipe: dict, scaling: str, global_batch_size: int, base_batch_size: int) -> dict:

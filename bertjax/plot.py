@@ -6,7 +6,7 @@
 import json
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from bertjax.errors import UserError, exit_on_user_error
 
@@ -35,7 +35,7 @@ def plot_metrics(workdir: Path) -> Path:
   fig = Figure(figsize=(10, 4))
   ax_loss, ax_acc = fig.subplots(1, 2)
   for kind, style in (("train", "-"), ("eval", "o-")):
-    points = series(kind, "loss")
+    points = series(kind, "loss" if kind == "train" else "eval_loss")
     if points:
       ax_loss.plot(*zip(*points), style, label=f"{kind} loss")
     for key in ("accuracy", "pearson"):
@@ -63,5 +63,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from bertjax.cli_setup import run_cli
   flags.DEFINE_string("workdir", None, "Training workdir with metrics.jsonl.")
-  app.run(main)
+  run_cli(main)

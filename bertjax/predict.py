@@ -1,14 +1,16 @@
 """Batched, jitted predictions from a training workdir, an exported folder or a Hugging Face checkpoint.
 
   python -m bertjax.predict --model DIR --input FILE|- --output FILE.jsonl [--checkpoint best]
-      [--max_length N] [--text_fields a,b] [--batch_size 64] [--skip-bad-lines]
+      [--input_format auto|lines|data] [--max_length N] [--text_fields a,b] [--batch_size 64] [--skip_bad_lines]
 
-Input: a `.txt` file or stdin (`-`), one example per line, a tab between the two texts of a pair;
-or a `.tsv`/`.csv`/`.jsonl` file read with the run's data options (text_fields, header, quoting).
+Input, by --input_format: `lines`, one example per line with a tab between the two texts of a pair (no
+header, no quoting); `data`, read as bertjax.train reads data (.tsv/.txt tab-separated, .csv, .jsonl, .json,
+.parquet, .arrow, a datasets folder) with the run's data options (text_fields, header, quoting). `auto` (the
+default) takes `lines` for stdin (`-`) and .txt files, `data` for the rest; the last line says which.
 Output: one JSON object per example, in input order: `line` (its line in the input), `label`,
 `label_id`, `probs`, `logits` (regression: `score`, `logits`). Texts are truncated to the run's
 data.max_length (128 for a plain checkpoint unless --max_length). A malformed line stops the
-command with `file:line: reason` and writes nothing; `--skip-bad-lines` skips such lines instead.
+command with `file:line: reason` and writes nothing; `--skip_bad_lines` skips such lines instead.
 """
 
 import dataclasses
@@ -144,9 +146,22 @@ def _plain_lines(path: str, num_texts: int | None, on_bad: Any):
   return Examples(texts, [None] * len(texts), lines, source)
 
 
-def read_input(data: ml_collections.ConfigDict, num_texts: int | None, path: str, skip_bad_lines: bool = False):
-  """(Examples, messages of skipped lines) read with a model's `input_options`; without
-  skip_bad_lines the first bad line raises."""
+INPUT_FORMATS = ("auto", "lines", "data")
+
+
+def input_format(path: str, requested: str = "auto") -> str:
+  """`lines` or `data` for --input_format (auto: lines for stdin and .txt, data for the rest)."""
+  if requested not in INPUT_FORMATS:
+    raise UserError(f"--input_format must be one of {', '.join(INPUT_FORMATS)}, got {requested!r}")
+  if requested != "auto":
+    return requested
+  return "lines" if path == "-" or Path(path).suffix.lower() == ".txt" else "data"
+
+
+def read_input(data: ml_collections.ConfigDict, num_texts: int | None, path: str, skip_bad_lines: bool = False,
+               fmt: str = "auto"):
+  """(Examples, messages of skipped lines) read with a model's `input_options` in the input format `fmt`;
+  without skip_bad_lines the first bad line raises."""
   from bertjax.data import pipeline, sources
   skipped: list[str] = []
 
@@ -155,15 +170,14 @@ def read_input(data: ml_collections.ConfigDict, num_texts: int | None, path: str
       raise UserError(message)
     skipped.append(message)
 
-  suffix = Path(path).suffix.lower()
-  if path == "-" or suffix == ".txt":
+  if input_format(path, fmt) == "lines":
     examples = _plain_lines(path, num_texts, on_bad)
-  elif suffix in (".tsv", ".csv", ".jsonl", ".json"):
+  elif path == "-":
+    raise UserError("--input_format=data reads a file or folder, not stdin (-)")
+  else:
     examples = sources.read_examples(path, pipeline.text_fields(data), None, has_header=data.has_header,
                                      task=data.task, quoting=data.quoting,
                                      on_bad_row=on_bad if skip_bad_lines else None)
-  else:
-    raise UserError(f"unsupported input {path!r}: use .txt or - (one example per line), .tsv, .csv or .jsonl")
   return examples, skipped
 
 
@@ -222,7 +236,7 @@ def main(argv):
   if not Path(f.model).is_dir():
     raise UserError(f"model folder {f.model} does not exist")
   # The input is checked before the model is loaded, so a bad line fails fast.
-  examples, skipped = read_input(*input_options(f.model, f.text_fields), f.input, f["skip-bad-lines"].value)
+  examples, skipped = read_input(*input_options(f.model, f.text_fields), f.input, f.skip_bad_lines, f.input_format)
   model = load_model(f.model, f.checkpoint, f.max_length, f.text_fields)
   if skipped:
     shown = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
@@ -231,25 +245,29 @@ def main(argv):
   write_jsonl(f.output, records(model, examples, logits))
   print(f"predicted {stats['num_examples']} examples with {model.source} in {stats['seconds']:.2f}s: "
         f"{stats['examples_per_sec']:.1f} examples/sec (plus {stats['compile_seconds']:.1f}s compiling "
-        f"{stats['num_compilations']} batch shapes); wrote {f.output}", file=sys.stderr)
+        f"{stats['num_compilations']} batch shapes); read {f.input} as {input_format(f.input, f.input_format)} "
+        f"(--input_format); wrote {f.output}", file=sys.stderr)
 
 
 def _define_flags() -> None:
   """Defined only when run as a program, so other modules can import this one."""
   flags.DEFINE_string("model", None, "Training workdir, bertjax export, or Hugging Face folder with a trained head.")
-  flags.DEFINE_string("input", None, ".txt or - (one example per line, tab between a pair), .tsv, .csv or .jsonl.")
+  flags.DEFINE_string("input", None, "Input file, datasets folder, or - (stdin).")
+  flags.DEFINE_string("input_format", "auto", "lines (one example per line, tab between a pair), data (as "
+                      "bertjax.train reads data, with the run's columns) or auto (lines for - and .txt, else data).")
   flags.DEFINE_string("output", None, "Output .jsonl (- for stdout).")
   flags.DEFINE_string("checkpoint", "best", "For a workdir: best | latest | STEP.")
   flags.DEFINE_integer("max_length", 0, "Truncate to this many tokens; 0 = the run's data.max_length (128 plain).")
   flags.DEFINE_list("text_fields", None, "Input columns (one, or two for pairs); default the run's data.text_fields.")
   flags.DEFINE_integer("batch_size", 64, "Examples per batch.")
-  flags.DEFINE_bool("skip-bad-lines", False, "Skip malformed input lines (and say how many) instead of stopping.")
+  flags.DEFINE_bool("skip_bad_lines", False, "Skip malformed input lines (and say how many) instead of stopping.")
 
 
 if __name__ == "__main__":
-  from absl import app, logging
+  from absl import logging
+  from bertjax.cli_setup import run_cli
   from bertjax.host_memory import keep_freed_memory
   keep_freed_memory()  # before jax creates its CPU client
   _define_flags()
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  run_cli(main)

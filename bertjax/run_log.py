@@ -114,6 +114,18 @@ class RunLog:
       writer.add_scalar(f"{kind}/{name}", value, global_step=int(step))
     writer.flush()
 
+  def write_record(self, step: int, kind: str, fields: dict[str, Any]) -> None:
+    """Logs one non-scalar line `{"step", "kind", **fields}` (e.g. a resumed run's changed settings) to
+    metrics.jsonl only; readers of scalars skip kinds other than train and eval."""
+    if not self._is_primary:
+      return
+    if kind in KINDS:
+      raise ValueError(f"kind {kind!r} is for scalars: use write()")
+    if self._file is None:
+      self._file = open(self.path, "a")
+    self._file.write(json.dumps({"step": int(step), "kind": kind, **fields}) + "\n")
+    self._file.flush()
+
   def _tensorboard(self):
     if self._writer is None:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top

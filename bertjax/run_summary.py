@@ -5,11 +5,14 @@ from bertjax import flops
 from bertjax.data import pipeline
 from bertjax.loop_state import RunRecord, Stats
 from bertjax.matmul_peak import Peak
+from bertjax.metrics import BEST_MODES
 
 
 def eval_scalars(result: dict, regression: bool) -> dict:
-  keys = ("loss", "mse", "pearson", "spearman") if regression else ("loss", "accuracy", "macro_f1", "micro_f1", "mcc")
-  return {k: float(result[k]) for k in keys if k in result}
+  """An eval's scalars under the names metrics.jsonl, summary.json, TensorBoard, train.best_metric and sweeps
+  share: eval_loss (the unweighted log loss, or the MSE), accuracy, macro_f1, micro_f1, mcc; mse, pearson, spearman."""
+  keys = ("mse", "pearson", "spearman") if regression else ("accuracy", "macro_f1", "micro_f1", "mcc")
+  return {"eval_loss": float(result["loss"]), **{k: float(result[k]) for k in keys if k in result}}
 
 
 def examples_in_steps(batcher, steps: int) -> int:
@@ -24,12 +27,12 @@ def examples_in_steps(batcher, steps: int) -> int:
 
 
 def best_entry(step: int, scalars: dict) -> dict:
-  entry = {"step": step, "eval_loss": scalars["loss"]}
-  if "accuracy" in scalars:
-    entry.update(eval_accuracy=scalars["accuracy"], eval_f1=scalars["macro_f1"])
-  else:
-    entry.update(eval_pearson=scalars.get("pearson"), eval_spearman=scalars.get("spearman"))
-  return entry
+  """summary.json's `best` and `final`: the eval's step and scalars."""
+  return {"step": step, **scalars}
+
+
+def early_stop_reason(metric: str, evals: int) -> str:
+  return f"early stopping ({metric} did not improve for {evals} evals)"
 
 
 def make_summary(trainer, run, record: RunRecord, step: int, stats: Stats, peak: Peak, done: bool,
@@ -67,8 +70,9 @@ def make_summary(trainer, run, record: RunRecord, step: int, stats: Stats, peak:
       "num_compilations": stats.num_compilations,
       "compile_seconds": stats.compile_seconds,
       "input_wait_fraction": stats.wait_seconds / seconds,
+      "best_metric": config.train.best_metric,
       "best": record.best,
-      "final": best_entry(record.last_eval["step"], record.last_eval) if record.last_eval else None,
+      "final": record.last_eval,
       "wall_seconds": stats.wall_seconds,
       "train_seconds": stats.train_seconds,
       "finished": done and stopped_by is None and step >= trainer.total_steps,
@@ -108,6 +112,23 @@ def _accumulation(trainer) -> str:
           f"{how}")
 
 
+def _selection(trainer) -> str:
+  """How the best checkpoint is chosen and the loss weighted, e.g. "selection: best checkpoint by macro_f1
+  (highest); loss weights balanced: neg 0.625, pos 2.5"."""
+  tc = trainer.config.train
+  if trainer.data.eval is None:
+    line = "selection: no eval split, so no evals and no best checkpoint (add --config.data.eval=PATH)"
+  else:
+    direction = "lowest" if BEST_MODES[tc.best_metric] == "min" else "highest"
+    line = (f"selection: best checkpoint by {tc.best_metric} ({direction})"
+            + (f", early stopping after {tc.early_stopping_patience} evals without a better one"
+               if tc.early_stopping_patience else ""))
+  if trainer.class_weights is not None:
+    weights = ", ".join(f"{name} {w:.4g}" for name, w in zip(trainer.data.label_names, trainer.class_weights))
+    line += f"; loss weights {'balanced' if tc.class_weights == 'balanced' else 'given'}: {weights}"
+  return line
+
+
 def start_lines(trainer, step: int) -> list[str]:
   """The lines a run logs before its first step: model, data, optimizer, and how the steps compute."""
   tc, d, opt = trainer.config.train, trainer.data, trainer.config.optimizer
@@ -129,4 +150,5 @@ def start_lines(trainer, step: int) -> list[str]:
       + _accumulation(trainer)
       + (f", resuming at step {step}" if step else ""),
       f"attention: train {att.train} ({att.train_why}), eval {att.eval} ({att.eval_why}); deterministic ops "
-      f"{'on' if deterministic else 'off'} ({why})"]
+      f"{'on' if deterministic else 'off'} ({why})",
+      _selection(trainer)]

@@ -55,7 +55,7 @@ class SingleRun:
     self.param_shardings = self.state_shardings.params
 
   def start(self, checkpoints):
-    restored = restore_run(checkpoints[0], self.lead.abstract_state(), self.lead.data.train.batcher)
+    restored = restore_run(checkpoints[0], self.lead)
     return restored or (self.lead.init_state(), None)
 
   def jit_train_step(self):

@@ -6,10 +6,12 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bertjax import sharding
 from bertjax.data.batching import Batch
+from bertjax.errors import UserError
 from bertjax.models.heads import SequenceClassifier, model_inputs
 
 
@@ -34,16 +36,33 @@ def per_example_loss(logits_BxSxC, labels_BxS, regression: bool):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxSxC, labels_BxS)
 
 
-def loss_sums(model: SequenceClassifier, params, batch: Batch, regression: bool, dropout_key):
-  """(sum of the real examples' losses, (correct predictions, real examples)): the forward pass of a train
-  step (dropout with `dropout_key`; None: none), before any averaging."""
+def class_weight_vector(setting, labels: np.ndarray, num_labels: int) -> np.ndarray | None:
+  """train.class_weights as one float32 weight per class id (None for `none`): `balanced` gives class c the
+  weight n / (num_labels * count_c) over the training labels (as scikit-learn's), 0 for a class without
+  examples; a list is taken as given, and must have one entry per class."""
+  if setting == "none":
+    return None
+  if setting == "balanced":
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_labels)
+    return np.where(counts > 0, len(labels) / (num_labels * np.maximum(counts, 1)), 0.0).astype(np.float32)
+  if len(setting) != num_labels:
+    raise UserError(f"train.class_weights has {len(setting)} weights for the {num_labels} classes; give one per "
+                    "class, in label id order (labels.json of a run lists them)")
+  return np.asarray(setting, np.float32)
+
+
+def loss_sums(model: SequenceClassifier, params, batch: Batch, regression: bool, dropout_key,
+              class_weights: np.ndarray | None = None):
+  """(sum of the real examples' losses, each times its class's weight, (correct predictions, real examples)):
+  the forward pass of a train step (dropout with `dropout_key`; None: none), before any averaging."""
   deterministic = dropout_key is None
   rngs = None if deterministic else {"dropout": dropout_key}
   fields = batch.fields()
   logits = model.apply({"params": params}, **model_inputs(fields), deterministic=deterministic, rngs=rngs)
   mask = fields["example_mask"]
   labels = fields["labels"] if regression else fields["labels"].astype(jnp.int32)
-  loss_sum = jnp.sum(per_example_loss(logits, labels, regression) * mask)
+  weights = mask if class_weights is None else mask * jnp.asarray(class_weights)[labels]
+  loss_sum = jnp.sum(per_example_loss(logits, labels, regression) * weights)
   if regression:
     correct = jnp.zeros(())
   else:
@@ -52,21 +71,29 @@ def loss_sums(model: SequenceClassifier, params, batch: Batch, regression: bool,
 
 
 def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation, schedule: Callable,
-                    regression: bool, grad_accum_steps: int = 1, skip_nonfinite: bool = False) -> Callable:
+                    regression: bool, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
+                    class_weights: np.ndarray | None = None) -> Callable:
   """The step: the loss of each real example divided by the number of real examples in the whole
   batch (known from `example_mask` before the forward pass), summed over `grad_accum_steps` row
   chunks, so accumulation and partial batches give the exact mean and the gradients need no
-  separate division pass over every parameter.
+  separate division pass over every parameter. With `class_weights` (one per class id), each loss is
+  multiplied by its class's weight and the sum divided by the batch's summed weights instead (the
+  weighted mean of torch.nn.CrossEntropyLoss(weight=...)); accuracy still counts examples.
 
   With `skip_nonfinite`, a step whose loss or gradients are not finite leaves params and optimizer
   state unchanged (the step counter still advances) and reports `skipped` = 1."""
 
   def train_step(state: TrainState, batch: Batch):
     step_key = jax.random.fold_in(state.rng, state.step)
-    denom = jnp.maximum(jnp.sum(batch.fields()["example_mask"]), 1.0)
+    fields = batch.fields()
+    examples = jnp.maximum(jnp.sum(fields["example_mask"]), 1.0)
+    denom = examples
+    if class_weights is not None:
+      weights = jnp.asarray(class_weights)[fields["labels"].astype(jnp.int32)]
+      denom = jnp.maximum(jnp.sum(fields["example_mask"] * weights), 1e-12)
 
     def mean_loss(p, b, k):
-      loss_sum, aux = loss_sums(model, p, b, regression, k)
+      loss_sum, aux = loss_sums(model, p, b, regression, k, class_weights)
       return loss_sum / denom, aux
 
     vg = jax.value_and_grad(mean_loss, has_aux=True)
@@ -94,7 +121,7 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
       params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
       skipped = (~ok).astype(jnp.int32)
-    metrics = {"loss": loss, "accuracy": correct / denom, "examples": count,
+    metrics = {"loss": loss, "accuracy": correct / examples, "examples": count,
                "grad_norm": grad_norm, "learning_rate": schedule(state.step), "skipped": skipped}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics

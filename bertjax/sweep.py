@@ -9,11 +9,11 @@ A sweep file defines `get_sweep()` returning a dict (or ConfigDict) with
                                                      ("int", lo, hi) (both ends included) | ("choice", [values])
   num_samples: random draws (crossed with the grid; alone when there is no grid); floats keep 4 digits
   seed:        of the random draws (default 0); each key has its own stream, so adding a key keeps the others
-  metric:      [best.|final.]FIELD, FIELD one of eval_loss, eval_accuracy, eval_f1 (classification),
-               eval_pearson, eval_spearman (regression). `best` (the default) is the eval with the lowest eval
-               loss, i.e. the checkpoint `--checkpoint best` restores; `final` is the last eval.
-               Default: best.eval_accuracy (classification), best.eval_pearson (regression).
-  mode:        max | min (default: min for a loss, else max)
+  metric:      [best.|final.]FIELD, FIELD one of eval_loss, accuracy, macro_f1, micro_f1, mcc (classification),
+               eval_loss, mse, pearson, spearman (regression): the names of metrics.jsonl's eval lines. `best`
+               (the default) is the eval the run's train.best_metric chose, i.e. the checkpoint
+               `--checkpoint best` restores; `final` is the last eval. Default: best.<train.best_metric>.
+  mode:        max | min (default: min for eval_loss and mse, else max)
 Keys are dotted config keys (`optimizer.learning_rate`) or nested dicts ({"optimizer": {"learning_rate": ...}}).
 
 DIR/trials/NAME is each trial's workdir (NAME from its index and values, e.g. `003_lr=3e-05_bs=32`),
@@ -33,7 +33,6 @@ data shard are agreed on first), and the sweep goes on as on one process.
 
 import json
 import math
-import os
 import sys
 import time
 import zlib
@@ -82,8 +81,12 @@ def _check_plan(root: Path, planned: list[dict], info: dict) -> None:
 
 
 def _preflight(configs: Sequence[ml_collections.ConfigDict]) -> None:
-  """What would fail every trial (model folder, data files, no eval set) fails before the first one."""
+  """What would fail every trial (a bad value, model folder, data files, no eval set) fails before the first one."""
+  from bertjax.config_base import check_values
+  from bertjax.data import tables
   from bertjax.models import hf_weights
+  for c in configs:
+    check_values(c)
   for name in dict.fromkeys(c.model.name_or_path for c in configs):
     if not name:
       raise UserError("model.name_or_path is empty: set it in the config or with --config.model.name_or_path")
@@ -93,7 +96,7 @@ def _preflight(configs: Sequence[ml_collections.ConfigDict]) -> None:
       if not path:
         raise UserError(f"data.{split} is empty" + ("; a sweep ranks its trials by their eval metric" if
                                                       split == "eval" else ""))
-      if not path.startswith("tfds:") and not os.path.exists(path):
+      if not path.startswith("tfds:") and not tables.local_source(path)[0].exists():
         raise UserError(f"data.{split} file not found: {path}")
 
 
@@ -240,8 +243,9 @@ def main(argv):
     raise UserError("--sweep is required: --sweep configs/sweeps/NAME.py")
   if not f.workdir:
     raise UserError("--workdir is required")
-  from bertjax.config_base import config_file_arg, override_keys
-  sweep = parse_sweep(load_sweep_file(f.sweep), f.config.data.task)
+  from bertjax.config_base import check_values, config_file_arg, override_keys
+  check_values(f.config)
+  sweep = parse_sweep(load_sweep_file(f.sweep), f.config.data.task, f.config.train.best_metric)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from bertjax import cli_setup
   cli_setup.start_jax(f.config.train.deterministic)  # the cache: trials of equal shapes compile once
@@ -280,13 +284,13 @@ def _define_flags() -> None:
 
 
 def run() -> None:
-  from absl import app
+  from bertjax.cli_setup import run_cli
   from bertjax.config_base import exit_on_bad_command_line
   from bertjax.host_memory import keep_freed_memory
   keep_freed_memory()  # before jax creates its CPU client
   exit_on_bad_command_line(sys.argv)
   _define_flags()
-  app.run(main)
+  run_cli(main)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import numpy as np
 from bertjax.files import atomic_write
 from bertjax.sweep_spec import Sweep, Trial, format_value, native
 
-ENTRY_FIELDS = ("step", "eval_loss", "eval_accuracy", "eval_f1", "eval_pearson", "eval_spearman")
+ENTRY_FIELDS = ("step", "eval_loss", "accuracy", "macro_f1", "micro_f1", "mcc", "mse", "pearson", "spearman")
 DONE = ("finished", "early_stopped")
 STATUSES = ("pending", "interrupted", "finished", "early_stopped", "failed")
 

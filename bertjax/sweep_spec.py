@@ -20,8 +20,9 @@ from bertjax.errors import UserError, first_line
 
 SWEEP_FIELDS = ("grid", "random", "num_samples", "seed", "metric", "mode")
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
-TASK_FIELDS = {"classification": ("eval_loss", "eval_accuracy", "eval_f1"),
-               "regression": ("eval_loss", "eval_pearson", "eval_spearman")}
+# The fields of summary.json's best and final entries a sweep can rank by (metrics.jsonl's eval names).
+TASK_FIELDS = {"classification": ("eval_loss", "accuracy", "macro_f1", "micro_f1", "mcc"),
+               "regression": ("eval_loss", "mse", "pearson", "spearman")}
 SHORT = {"optimizer.learning_rate": "lr", "train.global_batch_size": "bs", "optimizer.weight_decay": "wd",
          "train.num_epochs": "epochs", "optimizer.name": "opt", "optimizer.schedule": "sched",
          "optimizer.warmup_fraction": "warmup", "optimizer.layerwise_lr_decay": "lld", "optimizer.clip_norm": "clip",
@@ -34,7 +35,7 @@ class Sweep:
   random: dict[str, tuple]
   num_samples: int
   seed: int
-  metric: str  # "best.eval_accuracy" | "final.eval_loss" | ...
+  metric: str  # "best.accuracy" | "final.eval_loss" | ...
   mode: str  # "max" | "min"
 
 
@@ -56,8 +57,9 @@ def _flatten(tree: Any, what: str) -> dict[str, Any]:
   return flatten(tree)
 
 
-def parse_sweep(raw: Any, task: str = "classification") -> Sweep:
-  """Validates a `get_sweep()` result: keys, values, distributions and metric (UserError on any mistake)."""
+def parse_sweep(raw: Any, task: str = "classification", best_metric: str = "eval_loss") -> Sweep:
+  """Validates a `get_sweep()` result: keys, values, distributions and metric (UserError on any mistake). The
+  default metric is `best.<best_metric>` (the base config's train.best_metric), which cannot be swept."""
   if isinstance(raw, ml_collections.ConfigDict):
     raw = raw.to_dict()
   if not isinstance(raw, dict):
@@ -70,6 +72,9 @@ def parse_sweep(raw: Any, task: str = "classification") -> Sweep:
   grid = _flatten(raw.get("grid") or {}, "grid")
   random = _flatten(raw.get("random") or {}, "random")
   check_keys(list(grid) + list(random), what="sweep key")
+  if "train.best_metric" in grid or "train.best_metric" in random:
+    raise UserError("train.best_metric cannot be swept: trials are compared by one metric (set it with "
+                    "--config.train.best_metric, or the sweep's metric)")
   for key, values in grid.items():
     if not isinstance(values, (list, tuple)) or not values:
       raise UserError(f"sweep grid {key}: expected a non-empty list of values, got {values!r}")
@@ -86,8 +91,8 @@ def parse_sweep(raw: Any, task: str = "classification") -> Sweep:
   seed = raw.get("seed", 0)
   if not isinstance(seed, int):
     raise UserError(f"sweep seed must be an integer, got {seed!r}")
-  metric = _parse_metric(raw.get("metric") or ("eval_pearson" if task == "regression" else "eval_accuracy"), task)
-  mode = raw.get("mode") or ("min" if metric.endswith("loss") else "max")
+  metric = _parse_metric(raw.get("metric") or best_metric, task)
+  mode = raw.get("mode") or ("min" if metric.endswith(("loss", "mse")) else "max")
   if mode not in ("max", "min"):
     raise UserError(f"sweep mode must be max or min, got {mode!r}")
   return Sweep(grid=dict(grid), random=dict(random), num_samples=num_samples if random else 0, seed=seed,

@@ -26,17 +26,20 @@ from bertjax import checkpoint as ckpt_lib
 from bertjax import cli_setup, matmul_peak, optim, plot, resume, run_log, run_summary, sharding
 from bertjax import step as step_lib
 from bertjax import workdir as workdir_lib
+from bertjax.config_base import check_values
 from bertjax.data import pipeline
 from bertjax.data.prefetch import Prefetch
 from bertjax.errors import UserError, WriteFailed, first_line
 from bertjax.evaluate import Evaluator
 from bertjax.loop_state import LoopState, RunRecord, Stats
+from bertjax.metrics import is_better
 from bertjax.models import hf_weights
 from bertjax.models.config import from_hf_config, resolve_attention, resolve_attention_dropout, resolve_dtypes
 from bertjax.models.heads import SequenceClassifier
 from bertjax.run_log import log
 from bertjax.runs import Runs, SingleRun
-from bertjax.step import CompiledByShape, TrainState, auto_accumulation, make_train_step, new_train_state
+from bertjax.step import (CompiledByShape, TrainState, auto_accumulation, class_weight_vector, make_train_step,
+                          new_train_state)
 from bertjax.stop_signal import StopSignal
 
 
@@ -115,10 +118,12 @@ class Trainer:
     tc = config.train
     self.dtype, self.matmul_dtype = resolve_dtypes(config.model)
     self.deterministic = cli_setup.deterministic_ops(tc.deterministic, jax.default_backend())
+    check_values(config)
     if not config.data.num_shards:  # one shard per process, recorded so a resume reads the same shards
       config.data.num_shards = jax.process_count()
     if (self.workdir / "checkpoints").exists():
       resume.check_resume_compatible(self.workdir, config)
+    self.config_changes = resume.changed_settings(self.workdir, config)  # refused unless allowed
 
     # Model folder, tokenizer, data: all validated before anything is written.
     if like is not None:
@@ -135,7 +140,7 @@ class Trainer:
       self.loaded = like.loaded
     else:
       self.loaded = hf_weights.load(str(self.folder), num_labels=self.data.num_labels, dtype=self.dtype,
-                                    seed=tc.seed)
+                                    seed=tc.seed, reinit_head=config.model.reinit_head)
       for note in self.loaded.notes:
         log(f"model: {note}")
     self.model_cfg = self.loaded.cfg.replace(  # `like` may differ in these
@@ -144,6 +149,7 @@ class Trainer:
     self.model = SequenceClassifier(self.model_cfg)
     self.eval_model = SequenceClassifier(self.model_cfg.replace(attention=self.attention.eval))
     self.regression = self.data.task == "regression"
+    self.class_weights = class_weight_vector(tc.class_weights, self.data.train.labels, self.data.num_labels)
 
     # Packed epochs differ by a step or so (each epoch packs its own shuffle), so count them one by one.
     batcher = self.data.train.batcher
@@ -186,7 +192,7 @@ class Trainer:
   def train_step_fn(self):
     """The run's pure train step, (state, batch) -> (state, metrics)."""
     return make_train_step(self.model, self.tx, self.schedule, self.regression, self.grad_accum_steps,
-                           self.config.train.skip_nonfinite_steps)
+                           self.config.train.skip_nonfinite_steps, self.class_weights)
 
   def jit_train_step(self, state_shardings):
     """The train step as the loop runs it: jitted with explicit in/out shardings, the state donated."""
@@ -197,14 +203,18 @@ class Trainer:
     if not self.is_primary:
       return
     hf = hf_weights.hf_config_for(self.model_cfg, self.loaded.hf_config, self.data.label_names, self.regression)
-    config = {**resume.config_snapshot(self.config),
-              # what optimizer.lr_scaling and grad_accum_steps=auto chose for this batch size and machine
-              "derived": {"optimizer": {k: new for k, (_, new) in self.opt_plan.derived.items()},
-                          "grad_accum_steps": self.grad_accum_steps}}
     try:
-      workdir_lib.write_run_files(self.workdir, config, self.data.task, self.data.label_names, hf, self.tokenizer)
+      workdir_lib.write_run_files(self.workdir, self.config_record(), self.data.task, self.data.label_names, hf,
+                                  self.tokenizer)
     except OSError as e:
       raise WriteFailed(f"cannot write the run files in {self.workdir}: {e.strerror or e}") from None
+
+  def config_record(self) -> dict:
+    """config.json: the config, and what optimizer.lr_scaling and grad_accum_steps=auto chose for this batch
+    size and machine."""
+    return {**resume.config_snapshot(self.config),
+            "derived": {"optimizer": {k: new for k, (_, new) in self.opt_plan.derived.items()},
+                        "grad_accum_steps": self.grad_accum_steps}}
 
   def epochs_at(self, step: int) -> float:
     """Epochs completed after `step` steps."""
@@ -256,6 +266,7 @@ class Session:
   batches: Prefetch
   progress: run_log.Progress
   stop: StopSignal
+  peak: matmul_peak.Peak  # what MFU divides by: the vendor's figure, or this machine's cached measurement
   earlier: Stats  # the stats of the run's earlier sessions, to which this one's wall time and compilations add
   window: Window
 
@@ -318,16 +329,19 @@ def _open(runs: Runs) -> tuple[Session, TrainState, LoopState]:
   files written first)."""
   lead = runs.lead
   checkpoints = [ckpt_lib.Checkpoints(str(run.workdir / "checkpoints"), keep_best=True, async_save=True,
-                                      is_primary=lead.is_primary, sync_name=f"run{k}")
+                                      is_primary=lead.is_primary, sync_name=f"run{k}",
+                                      best_metric=run.config.train.best_metric)
                  for k, run in enumerate(runs.trainers)]
   state, loop = runs.start(checkpoints)
   if loop is None:
     loop = LoopState(runs=[RunRecord() for _ in runs.trainers])
     for run in runs.trainers:
       run.write_run_files()
+  loop.mesh = dict(lead.mesh.shape)  # what its checkpoints record from now on
   logs = [run_log.RunLog(str(run.workdir), lead.is_primary) for run in runs.trainers]
-  for runlog in logs:
+  for run, runlog in zip(runs.trainers, logs):
     runlog.truncate_after(loop.step)
+    resume.record_changes(run, runlog, loop.step)
   for line in runs.start_lines(loop.step):
     log(line)
   batcher, batch_sharding = lead.data.train.batcher, sharding.batch_sharding(lead.mesh)
@@ -336,7 +350,7 @@ def _open(runs: Runs) -> tuple[Session, TrainState, LoopState]:
   s = Session(runs, checkpoints, logs, CompiledByShape(runs.jit_train_step(), "train step", log),
               Evaluator(lead.eval_model, lead.mesh, runs.param_shardings), batches,
               run_log.Progress(lead.total_steps, is_primary=lead.is_primary, every_steps=lead.config.train.log_every_steps),
-              StopSignal(), dataclasses.replace(loop.stats), Window())
+              StopSignal(), matmul_peak.run_peak(lead.matmul_dtype), dataclasses.replace(loop.stats), Window())
   s.window.restart(s.train_step)
   return s, state, loop
 
@@ -409,7 +423,8 @@ def _log(s: Session, loop: LoopState) -> None:
 
 
 def _eval(s: Session, loop: LoopState, state: TrainState) -> None:
-  """Evaluates each training run: its eval line, best eval and count of evals since, and its summary.json."""
+  """Evaluates each training run: its eval line, best eval (by train.best_metric) and count of evals since, and
+  its summary.json."""
   data = s.runs.lead.data
   for k in loop.training():
     record = loop.runs[k]
@@ -420,8 +435,8 @@ def _eval(s: Session, loop: LoopState, state: TrainState) -> None:
     record.last_eval = {"step": loop.step, **scalars}
     log(f"{s.runs.labels[k]}eval @ step {loop.step}: " + "  ".join(
         f"{key} {v:.4f}" for key, v in scalars.items()
-        if key in ("loss", "accuracy", "macro_f1", "mcc", "pearson", "spearman")))
-    if record.best is None or scalars["loss"] < record.best["eval_loss"]:
+        if key in ("eval_loss", "accuracy", "macro_f1", "mcc", "pearson", "spearman")))
+    if is_better(scalars, record.best, s.runs.trainers[k].config.train.best_metric):
       record.best, record.evals_since_best = run_summary.best_entry(loop.step, scalars), 0
     else:
       record.evals_since_best += 1
@@ -429,8 +444,8 @@ def _eval(s: Session, loop: LoopState, state: TrainState) -> None:
 
 
 def _checkpoint(s: Session, loop: LoopState, state: TrainState) -> None:
-  """Starts saving the checkpoint of this step of each training run that has none (ranked by its eval loss when
-  it was just evaluated); a trial group first saves its stacked state."""
+  """Starts saving the checkpoint of this step of each training run that has none (ranked by its eval when it was
+  just evaluated); a trial group first saves its stacked state."""
   which = [k for k in loop.training() if s.checkpoints[k].latest_step() != loop.step]
   if which:
     _clock(s, loop)
@@ -438,15 +453,16 @@ def _checkpoint(s: Session, loop: LoopState, state: TrainState) -> None:
 
 
 def _maybe_stop(s: Session, loop: LoopState, may_exchange: bool) -> str | None:
-  """Why the loop stops after this step, or None. Early stopping ends each run whose eval loss has not improved
-  for train.early_stopping_patience evals. A SIGTERM/SIGINT stops the loop; several processes must stop at the
+  """Why the loop stops after this step, or None. Early stopping ends each run whose train.best_metric has not
+  improved for train.early_stopping_patience evals. A SIGTERM/SIGINT stops the loop; several processes must stop at the
   same step (saving is collective), so they exchange their signals only where every one passes
   `may_exchange=True` (log steps, which they all reach together). With no run left, the loop stops too."""
   patience = s.runs.lead.config.train.early_stopping_patience
   for k in loop.training():
     record = loop.runs[k]
     if patience and record.evals_since_best >= patience:
-      record.stopped_by = f"early stopping (eval loss did not improve for {record.evals_since_best} evals)"
+      record.stopped_by = run_summary.early_stop_reason(s.runs.trainers[k].config.train.best_metric,
+                                                        record.evals_since_best)
       record.end_step = loop.step
   if s.stop.agreed(may_exchange):
     return f"signal {s.stop.received or 'to another process'}"
@@ -466,13 +482,12 @@ def _summarize(s: Session, loop: LoopState, done: bool, stopping: str | None = N
   run failed, as a run alone that raises writes none."""
   _clock(s, loop)
   lead = s.runs.lead
-  peak = matmul_peak.run_peak(lead.matmul_dtype)
   out = []
   for k, (run, record) in enumerate(zip(s.runs.trainers, loop.runs)):
     if record.stopped_by and not done:
       continue
     end = loop.step if record.end_step is None else record.end_step
-    summary = {**run_summary.make_summary(lead, run, record, end, loop.stats, peak, done,
+    summary = {**run_summary.make_summary(lead, run, record, end, loop.stats, s.peak, done,
                                           record.stopped_by or (stopping if done else None)),
                **s.runs.summary_extra(k)}
     if record.error:

@@ -36,7 +36,7 @@ from bertjax import optim, resume, run_summary, sharding
 from bertjax import step as step_lib
 from bertjax.config_base import flatten
 from bertjax.errors import UserError, WriteFailed, first_line
-from bertjax.loop_state import LoopState, restore_run, save_run
+from bertjax.loop_state import LoopState, restore_run, resumed_line, save_run
 from bertjax.run_log import log
 from bertjax.step import TrainState, make_train_step, new_train_state
 from bertjax.trainer import Trainer, train
@@ -157,7 +157,7 @@ class TrialGroup:
     def one_trial(state: TrainState, batch):
       schedule = optim.injected_schedule(plan, state.opt_state)
       return make_train_step(lead.model, tx, schedule, lead.regression, lead.grad_accum_steps,
-                             lead.config.train.skip_nonfinite_steps)(state, batch)
+                             lead.config.train.skip_nonfinite_steps, lead.class_weights)(state, batch)
 
     return step_lib.jit_train_step(jax.vmap(one_trial, in_axes=(0, None)), self.state_shardings, lead.mesh)
 
@@ -192,8 +192,7 @@ class TrialGroup:
     hparams = jax.device_put(self._hparams, self.state_shardings.opt_state.hparams)
     state = state.replace(opt_state=state.opt_state._replace(hparams=hparams))
     loop = LoopState.from_meta(meta, latest)
-    log(f"resumed the group from {self.group_dir}/checkpoints/{latest} (epoch {loop.epoch}, "
-        f"step {loop.step_in_epoch} of {self.lead.data.train.batcher.steps_in_epoch(loop.epoch)})")
+    log("the group " + resumed_line(f"{self.group_dir}/checkpoints/{latest}", loop, self.lead))
     for k in loop.training():
       if (checkpoints[k].latest_step() or -1) < latest:
         save_run(checkpoints[k], self._trial_state(state, k), loop.of_run(k))
@@ -202,8 +201,7 @@ class TrialGroup:
   def _stack_trial_checkpoints(self, checkpoints: list[ckpt_lib.Checkpoints]):
     """The group's state from the trials' own checkpoints, all of the same step (None if they have none):
     a group regrouped, or whose group workdir was deleted, goes on from where its trials are."""
-    batcher = self.lead.data.train.batcher
-    restored = [restore_run(c, t.abstract_state(), batcher, label)
+    restored = [restore_run(c, t, label)
                 for c, t, label in zip(checkpoints, self.trainers, self.labels)]
     if restored[0] is None:
       return None

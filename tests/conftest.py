@@ -24,6 +24,10 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64, initializer_range=0.2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 VOCAB = 120
+# Checkpoint variants of the tests: name -> (model_type, config overrides).
+VARIANTS = {f: (f, {}) for f in ("bert", "roberta", "electra", "albert", "xlm-roberta", "camembert", "distilbert",
+                                 "deberta-v2", "modernbert")}
+VARIANTS["modernbert-mean"] = ("modernbert", {"classifier_pooling": "mean"})
 
 
 def minilm_dir() -> Path:
@@ -49,6 +53,25 @@ def make_hf_classifier(family: str, folder: Path, num_labels: int = 3, seed: int
     kw.update(num_hidden_layers=4, num_hidden_groups=2, inner_group_num=2, embedding_size=16,
               hidden_act="gelu_new", classifier_dropout_prob=0.1)
     cfg, cls = tr.AlbertConfig(**kw), tr.AlbertForSequenceClassification
+  elif family in ("xlm-roberta", "camembert"):
+    kw.update(max_position_embeddings=70, hidden_act="gelu", type_vocab_size=1, pad_token_id=1)
+    cfg, cls = (tr.XLMRobertaConfig(**kw), tr.XLMRobertaForSequenceClassification) if family == "xlm-roberta" else \
+        (tr.CamembertConfig(**kw), tr.CamembertForSequenceClassification)
+  elif family == "distilbert":
+    cfg = tr.DistilBertConfig(vocab_size=VOCAB, num_labels=num_labels, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                              max_position_embeddings=64, initializer_range=0.2)
+    cls = tr.DistilBertForSequenceClassification
+  elif family == "deberta-v2":  # the DeBERTa-v3 layout, with 8 buckets so that texts outgrow them
+    kw.update(relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=-1,
+              norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False, type_vocab_size=0,
+              layer_norm_eps=1e-7, pooler_dropout=0.1)
+    cfg, cls = tr.DebertaV2Config(**kw), tr.DebertaV2ForSequenceClassification
+  elif family == "modernbert":  # full, sliding, sliding layers; a window of 8 tokens, shorter than the texts
+    cfg = tr.ModernBertConfig(vocab_size=VOCAB, num_labels=num_labels, hidden_size=32, num_hidden_layers=3,
+                              num_attention_heads=4, intermediate_size=48, max_position_embeddings=64,
+                              local_attention=8, initializer_range=0.2, pad_token_id=0, bos_token_id=1,
+                              eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    cls = tr.ModernBertForSequenceClassification
   else:
     raise ValueError(family)
   for k, v in overrides.items():
@@ -57,7 +80,7 @@ def make_hf_classifier(family: str, folder: Path, num_labels: int = 3, seed: int
   # Random init leaves LayerNorms at 1/0 and biases at 0; perturb them so the mapping is really checked.
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+      if name.endswith("bias") or "norm" in name.lower():
         p.add_(0.1 * torch.randn_like(p))
   model.save_pretrained(folder, safe_serialization=True)
   return folder
@@ -65,9 +88,33 @@ def make_hf_classifier(family: str, folder: Path, num_labels: int = 3, seed: int
 
 @pytest.fixture(scope="session")
 def hf_tiny(tmp_path_factory):
-  """family -> folder of a tiny random 3-label classifier."""
+  """variant (VARIANTS) -> folder of a tiny random 3-label classifier."""
   root = tmp_path_factory.mktemp("hf_tiny")
-  return {f: make_hf_classifier(f, root / f) for f in ("bert", "roberta", "electra", "albert")}
+  return {name: make_hf_classifier(family, root / name, **overrides) for name, (family, overrides) in VARIANTS.items()}
+
+
+def tiny_tokenizer(folder: Path, texts: list[str], style: str = "bert", vocab_size: int = 250) -> Path:
+  """A small BPE tokenizer with sentencepiece's word boundaries (Metaspace) trained on `texts` (250 pieces keep
+  the demo data's words whole), with BERT's template (`[CLS] a [SEP] b [SEP]`, [PAD] = 0) or XLM-R's
+  (`<s> a </s></s> b </s>`, <pad> = 1), saved to `folder`."""
+  import transformers as tr
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  if style == "xlmr":
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    cls, pad, sep, unk, mask = specials
+    pair = f"{cls} $A {sep} {sep} $B {sep}"
+  else:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pad, unk, cls, sep, mask = specials
+    pair = f"{cls} $A {sep} $B:1 {sep}:1"
+  tok = Tokenizer(models.BPE(unk_token=unk))
+  tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+  tok.post_processor = processors.TemplateProcessing(single=f"{cls} $A {sep}", pair=pair,
+                                                     special_tokens=[(t, tok.token_to_id(t)) for t in (cls, sep)])
+  tr.PreTrainedTokenizerFast(tokenizer_object=tok, cls_token=cls, sep_token=sep, pad_token=pad, unk_token=unk,
+                             mask_token=mask).save_pretrained(folder)
+  return folder
 
 
 def tiny_bert_with_tokenizer(folder: Path, num_labels: int = 2, seed: int = 0, with_head: bool = False) -> Path:

@@ -1,5 +1,6 @@
 """Parity of the Flax models with Hugging Face PyTorch, weight round trips and bad checkpoints."""
 
+import functools
 import json
 
 import jax
@@ -13,18 +14,29 @@ from bertjax import models
 from bertjax.errors import UserError
 from bertjax.models.encoder import Encoder
 from bertjax.models.hf_weights import tensor_map
-from conftest import minilm_dir, padded_batch, to_bertjax
+from conftest import VARIANTS, minilm_dir, padded_batch, to_bertjax
 
-FAMILIES = ("bert", "roberta", "electra", "albert")
+FAMILIES = tuple(VARIANTS)  # every family, and ModernBERT with mean pooling too
+
+
+@functools.lru_cache(maxsize=None)
+def load_tiny(folder) -> models.Loaded:
+  """A checkpoint of `hf_tiny` loaded once per test process (tests do not modify what it returns)."""
+  return models.load(str(folder))
 
 
 def torch_logits(folder, ids, mask, types):
   model = tr.AutoModelForSequenceClassification.from_pretrained(folder).eval()
   kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
-  if model.config.type_vocab_size > 1:
+  if getattr(model.config, "type_vocab_size", 0) > 1:
     kwargs["token_type_ids"] = torch.tensor(types)
   with torch.no_grad():
     return model(**kwargs).logits.numpy()
+
+
+def token_types(loaded, types):
+  """The token types a family's model gets: none for one (RoBERTa, XLM-R) or no type embeddings."""
+  return types if loaded.cfg.type_vocab_size > 1 else np.zeros_like(types)
 
 
 def jax_logits(loaded, ids, mask, types, dtype="float32", matmul_dtype=""):
@@ -33,17 +45,16 @@ def jax_logits(loaded, ids, mask, types, dtype="float32", matmul_dtype=""):
   return np.asarray(out[:, 0, :])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("pairs", [False, True])
+@pytest.mark.parametrize("family, pairs", [(f, False) for f in FAMILIES] + [
+    (f, True) for f in ("bert", "roberta", "electra", "albert")])  # the others have no token types
 def test_logits_match_pytorch(hf_tiny, family, pairs):
-  loaded = models.load(str(hf_tiny[family]))
-  assert not loaded.fresh_head and loaded.cfg.family == family
+  loaded = load_tiny(hf_tiny[family])
+  assert not loaded.fresh_head and loaded.cfg.family == VARIANTS[family][0]
   rng = np.random.default_rng(1)
-  lengths = [9, 17, 5, 30]
+  lengths = [9, 17, 5, 30]  # longer than DeBERTa's 8 buckets and ModernBERT's window of 8
   split = [4, 10, 2, 12] if pairs else None
   ids, mask, types = padded_batch(rng, lengths, 120, loaded.cfg.pad_token_id, split)
-  if family == "roberta":
-    types = np.zeros_like(types)
+  types = token_types(loaded, types)
   want = torch_logits(hf_tiny[family], ids, mask, types)
   got = jax_logits(loaded, ids, mask, types)
   assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
@@ -61,8 +72,8 @@ def test_kernels_cast_once_give_the_same_logits(hf_tiny, family):
   """The evaluator casts the Dense kernels to the products' operand dtype once per pass: only kernels
   change, and the logits are those of the float32 params (whose kernels each product rounds itself)."""
   import jax.numpy as jnp
-  from bertjax.models.encoder import cast_kernels
-  loaded = models.load(str(hf_tiny[family]))
+  from bertjax.models.layers import cast_kernels
+  loaded = load_tiny(hf_tiny[family])
   ids, mask, types = padded_batch(np.random.default_rng(2), [9, 17, 5, 30], 120, loaded.cfg.pad_token_id)
   cfg = loaded.cfg.replace(dtype="float32", matmul_dtype="bfloat16")
   cast = cast_kernels(cfg, loaded.params)
@@ -76,7 +87,7 @@ def test_kernels_cast_once_give_the_same_logits(hf_tiny, family):
 
 
 def test_albert_shares_layers(hf_tiny):
-  loaded = models.load(str(hf_tiny["albert"]))
+  loaded = load_tiny(hf_tiny["albert"])
   cfg = loaded.cfg
   # 4 layers over 2 groups of 2 inner layers: 4 parameter sets, 8 applied layers.
   assert cfg.param_layers == 4 and cfg.layer_schedule() == [0, 1, 0, 1, 2, 3, 2, 3]
@@ -106,7 +117,7 @@ def test_minilm_hidden_states_match_pytorch():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_round_trip_to_pytorch(hf_tiny, tmp_path, family):
   """bertjax params -> Hugging Face folder -> transformers PyTorch gives our logits."""
-  loaded = models.load(str(hf_tiny[family]))
+  loaded = load_tiny(hf_tiny[family])
   # Change the params so the test can't pass by re-reading the original file.
   noise = np.random.default_rng(5)
   params = jax.tree.map(lambda x: x + 0.05 * noise.standard_normal(x.shape).astype(np.float32), loaded.params)
@@ -115,8 +126,7 @@ def test_round_trip_to_pytorch(hf_tiny, tmp_path, family):
   assert config["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
   rng = np.random.default_rng(2)
   ids, mask, types = padded_batch(rng, [7, 12, 3], 120, loaded.cfg.pad_token_id, [3, 5, 1])
-  if family == "roberta":
-    types = np.zeros_like(types)
+  types = token_types(loaded, types)
   want = torch_logits(out, ids, mask, types)
   got = np.asarray(models.SequenceClassifier(loaded.cfg).apply({"params": params}, **to_bertjax(ids, mask, types))
                    )[:, 0]
@@ -126,13 +136,15 @@ def test_round_trip_to_pytorch(hf_tiny, tmp_path, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_row_equals_examples_alone(hf_tiny, family):
-  """Two examples packed in one row give the logits each gives alone."""
-  loaded = models.load(str(hf_tiny[family]))
+  """Two examples packed in one row give the logits each gives alone (for DeBERTa and ModernBERT: relative
+  distances, rotary positions, the sliding window and mean pooling count within each example)."""
+  loaded = load_tiny(hf_tiny[family])
   model = models.SequenceClassifier(loaded.cfg)
   rng = np.random.default_rng(3)
-  a, b = rng.integers(3, 120, 7).astype(np.int32), rng.integers(3, 120, 11).astype(np.int32)
-  ta, tb = (np.r_[np.zeros(4), np.ones(3)], np.r_[np.zeros(5), np.ones(6)]) if family != "roberta" else \
-      (np.zeros(7), np.zeros(11))
+  na, nb = 12, 19  # longer than DeBERTa's 8 buckets and ModernBERT's window of 8
+  a, b = rng.integers(3, 120, na).astype(np.int32), rng.integers(3, 120, nb).astype(np.int32)
+  ta = token_types(loaded, np.r_[np.zeros(4), np.ones(na - 4)])
+  tb = token_types(loaded, np.r_[np.zeros(5), np.ones(nb - 5)])
   alone = []
   for ids, types in ((a, ta), (b, tb)):
     n = len(ids)
@@ -142,9 +154,9 @@ def test_packed_row_equals_examples_alone(hf_tiny, family):
   pad = loaded.cfg.pad_token_id
   row = np.r_[a, b, [pad] * 6].astype(np.int32)
   packed = dict(input_ids=row[None], token_type_ids=np.r_[ta, tb, np.zeros(6)][None].astype(np.int32),
-                segment_ids=np.r_[[1] * 7, [2] * 11, [0] * 6][None].astype(np.int32),
-                position_ids=np.r_[np.arange(7), np.arange(11), np.zeros(6)][None].astype(np.int32),
-                cls_index=np.array([[0, 7]], np.int32))
+                segment_ids=np.r_[[1] * na, [2] * nb, [0] * 6][None].astype(np.int32),
+                position_ids=np.r_[np.arange(na), np.arange(nb), np.zeros(6)][None].astype(np.int32),
+                cls_index=np.array([[0, na]], np.int32))
   got = np.asarray(model.apply({"params": loaded.params}, **packed))[0]
   assert np.abs(got - np.stack(alone)).max() <= 1e-5
 
@@ -152,7 +164,7 @@ def test_packed_row_equals_examples_alone(hf_tiny, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_last_layer_at_read_tokens_only(hf_tiny, family):
   """The last layer run only at the read-out tokens gives the hidden states the full last layer gives there."""
-  loaded = models.load(str(hf_tiny[family]))
+  loaded = load_tiny(hf_tiny[family])
   encoder = Encoder(loaded.cfg)
   rng = np.random.default_rng(5)
   lengths = ((6, 13, 4, 9), (20, 3, 9))  # per row: examples, then padding
@@ -170,7 +182,7 @@ def test_last_layer_at_read_tokens_only(hf_tiny, family):
 
 
 def test_dropout_is_active_in_training_and_seeded(hf_tiny):
-  loaded = models.load(str(hf_tiny["bert"]))
+  loaded = load_tiny(hf_tiny["bert"])
   model = models.SequenceClassifier(loaded.cfg)
   rng = np.random.default_rng(4)
   inputs = to_bertjax(*padded_batch(rng, [8, 8], 120, 0))
@@ -227,7 +239,7 @@ def test_offline_hub_name_is_one_line_error(monkeypatch):
 def test_every_param_is_mapped(hf_tiny):
   """The name map covers the whole param tree, so nothing is silently left at its random init."""
   for family in FAMILIES:
-    loaded = models.load(str(hf_tiny[family]))
+    loaded = load_tiny(hf_tiny[family])
     paths = {tuple(p.key for p in path) for path, _ in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
     mapped = {path for path, _ in tensor_map(loaded.cfg).values()}
     assert paths == mapped, paths ^ mapped
@@ -243,7 +255,7 @@ def test_bf16_operand_products_and_their_gradients(spec, a_shape, b_shape):
   gradient rounded too); with float32 operands the custom gradient is exactly autodiff's."""
   import jax.numpy as jnp
   from bertjax.models.config import EncoderConfig
-  from bertjax.models.encoder import _cast_einsum, matmul
+  from bertjax.models.layers import _cast_einsum, matmul
   ka, kb, kg = jax.random.split(jax.random.key(0), 3)
   a, b = jax.random.normal(ka, a_shape), jax.random.normal(kb, b_shape)
   g = jax.random.normal(kg, jnp.einsum(spec, a, b).shape)

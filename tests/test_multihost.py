@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
 
 def train_losses(workdir):
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [r["loss"] for r in lines if r["kind"] == "train"], [r["loss"] for r in lines if r["kind"] == "eval"]
+  return [r["loss"] for r in lines if r["kind"] == "train"], [r["eval_loss"] for r in lines if r["kind"] == "eval"]
 
 
 @pytest.fixture(scope="module")

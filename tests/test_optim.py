@@ -289,18 +289,29 @@ def test_lamb_trust_ratio_scales_the_matrices_and_not_biases_or_layer_norms():
   assert checked[True] >= 2 and checked[False] >= 4
 
 
-@pytest.mark.parametrize("scaling, batch, want", [("auto", 32, {}), ("auto", 1024, {"learning_rate": (2e-5, 2e-5 * 32 ** 0.5)}),
-                                                  ("auto", 8, {"learning_rate": (2e-5, 1e-5)}),
-                                                  ("sqrt", 128, {"learning_rate": (2e-5, 4e-5)}),
-                                                  ("linear", 128, {"learning_rate": (2e-5, 8e-5)}), ("none", 1024, {})])
+@pytest.mark.parametrize("scaling, batch, want", [
+    ("auto", 32, {}),
+    # 32x: LAMB at 14.14 x the sqrt-scaled rate; b2 = 1 - 32 * 0.001 = 0.968 floored at 1 - 1/50
+    ("auto", 1024, {"learning_rate": (2e-5, 2e-5 * 32 ** 0.5 * 14.14), "name": ("adamw", "lamb"), "b2": (0.999, 0.98)}),
+    # 8x: still AdamW (the switch is above 8x); b2 = 1 - 8 * 0.001
+    ("auto", 256, {"learning_rate": (2e-5, 2e-5 * 8 ** 0.5), "b2": (0.999, 0.992)}),
+    ("auto", 128, {"learning_rate": (2e-5, 4e-5), "b2": (0.999, 0.996)}),
+    ("auto", 8, {"learning_rate": (2e-5, 1e-5)}),  # smaller batch: the rate only, b2 kept
+    ("sqrt", 128, {"learning_rate": (2e-5, 4e-5)}),
+    ("linear", 128, {"learning_rate": (2e-5, 8e-5)}), ("none", 1024, {})])
 def test_batch_size_scaling_records_what_it_changed(scaling, batch, want):
   """The plan's learning rate (and what else the rule changes) for a batch that differs from the recipe's,
   against hand-computed values; `derived` says what changed, for the start line and config.json."""
   plan = optim.plan_optimizer(make_cfg(learning_rate=2e-5, lr_scaling=scaling, base_batch_size=32), 100, batch)
   assert set(plan.derived) == set(want)
   for key, (old, new) in want.items():
+    if key == "name":
+      assert plan.derived[key] == (old, new) and plan.name == new
+      continue
     assert plan.derived[key] == pytest.approx((old, new))
     assert plan.hparams[key] == pytest.approx(new)
+  if "name" not in want:
+    assert plan.name == "adamw"
   if not want:
     assert plan.hparams["learning_rate"] == 2e-5
 
@@ -308,3 +319,18 @@ def test_batch_size_scaling_records_what_it_changed(scaling, batch, want):
 def test_base_batch_size_below_one_is_refused():
   with pytest.raises(UserError, match=r"optimizer.base_batch_size=0.0 is outside \[1.0, inf\]"):
     optim.plan_optimizer(make_cfg(base_batch_size=0), 100, 32)
+
+
+@pytest.mark.parametrize("name, want", [("lamb", {"learning_rate": (1e-3, 1e-3 * 32 ** 0.5), "b2": (0.999, 0.98)}),
+                                        ("rmsprop", {"learning_rate": (1e-3, 1e-3 * 32 ** 0.5)}),
+                                        ("adamw", {"learning_rate": (1e-3, 1e-3 * 32 ** 0.5 * 14.14),
+                                                   "name": ("adamw", "lamb"), "b2": (0.95, 0.95)})])
+def test_batch_rule_by_recipe_optimizer(name, want):
+  """A LAMB recipe keeps LAMB and its rate scale; b2 only for Adam moments; a recipe b2 below the floor is kept."""
+  b2 = want["b2"][0] if "b2" in want else 0.999
+  got = optim.batch_rule({"name": name, "learning_rate": 1e-3, "b1": 0.9, "b2": b2, "eps": 1e-8,
+                          "warmup_fraction": 0.1}, 32.0)
+  want = {k: v[1] for k, v in want.items() if v[0] != v[1]}
+  assert set(got) == set(want)
+  for key, value in want.items():
+    assert got[key] == (value if key == "name" else pytest.approx(value))

@@ -112,7 +112,7 @@ def test_malformed_line_stops_or_is_skipped(trained):
   line = _error_line(_run("predict", "--model", workdir, "--input", bad, "--output", out))
   assert f"{bad}:3:" in line and "found 3 fields" in line
   assert not out.exists() and not list(root.glob(".bad.jsonl*"))
-  result = _run("predict", "--model", workdir, "--input", bad, "--output", out, "--skip-bad-lines")
+  result = _run("predict", "--model", workdir, "--input", bad, "--output", out, "--skip_bad_lines")
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"skipped 1 bad line: {bad}:3:" in result.stderr
   assert [json.loads(l)["line"] for l in out.read_text().splitlines()] == [1, 2, 4]

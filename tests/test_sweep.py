@@ -91,7 +91,7 @@ def test_grid_writes_trials_and_ranked_results(grid_run):
   assert names == ["000_lr=0.001_seed=0", "001_lr=0.001_seed=1", "002_lr=0.003_seed=0", "003_lr=0.003_seed=1"]
   report = json.loads((workdir / "results.json").read_text())
   rows = report["trials"]
-  assert report["metric"] == "best.eval_accuracy" and report["mode"] == "max"
+  assert report["metric"] == "best.accuracy" and report["mode"] == "max"
   assert sorted(r["name"] for r in rows) == names and [r["rank"] for r in rows] == [1, 2, 3, 4]
   metrics = [r["metric"] for r in rows]
   ranked = [(-r["metric"], r["name"]) for r in rows]
@@ -99,7 +99,7 @@ def test_grid_writes_trials_and_ranked_results(grid_run):
   for row in rows:
     summary = json.loads((workdir / "trials" / row["name"] / "summary.json").read_text())
     assert row["status"] == "finished" and summary["finished"] and row["steps"] == summary["steps"] == 4
-    assert row["metric"] == summary["best"]["eval_accuracy"] == row["best_eval_accuracy"]
+    assert row["metric"] == summary["best"]["accuracy"] == row["best_accuracy"]
     assert row["final_eval_loss"] == summary["final"]["eval_loss"]
     assert row["wall_seconds"] == summary["wall_seconds"]
     config = json.loads((workdir / "trials" / row["name"] / "config.json").read_text())
@@ -112,9 +112,9 @@ def test_grid_writes_trials_and_ranked_results(grid_run):
   plan = json.loads((workdir / "sweep.json").read_text())
   assert [t["name"] for t in plan["trials"]] == names
   assert {p.name for p in (workdir / "plots").iterdir()} == {
-      "best.eval_accuracy_vs_optimizer.learning_rate.png", "best.eval_accuracy_vs_train.seed.png"}
+      "best.accuracy_vs_optimizer.learning_rate.png", "best.accuracy_vs_train.seed.png"}
   table_lines = result.stdout.splitlines()
-  assert table_lines[0].split()[:4] == ["rank", "name", "status", "best.eval_accuracy"]
+  assert table_lines[0].split()[:4] == ["rank", "name", "status", "best.accuracy"]
   assert [l.split()[1] for l in table_lines[1:5]] == [r["name"] for r in rows]
 
 
@@ -244,8 +244,8 @@ def test_parallel_dispatch_groups_by_key(setup, tmp_path, monkeypatch):
     out = []
     for config, workdir in zip(configs, workdirs):
       acc = config.optimizer.learning_rate * 100
-      summary = {"finished": True, "steps": 4, "best": {"step": 4, "eval_loss": 1.0, "eval_accuracy": acc},
-                 "final": {"step": 4, "eval_loss": 1.0, "eval_accuracy": acc}, "wall_seconds": 1.0}
+      summary = {"finished": True, "steps": 4, "best": {"step": 4, "eval_loss": 1.0, "accuracy": acc},
+                 "final": {"step": 4, "eval_loss": 1.0, "accuracy": acc}, "wall_seconds": 1.0}
       run_log.write_summary(workdir, summary)
       out.append(summary)
     return out
@@ -254,7 +254,7 @@ def test_parallel_dispatch_groups_by_key(setup, tmp_path, monkeypatch):
   monkeypatch.setattr("bertjax.trial_group.group_key", lambda c: c.train.global_batch_size)
   monkeypatch.setattr("bertjax.trainer.train_and_evaluate", lambda c, w: train_group([c], [w])[0])
   spec = sweep_spec.parse_sweep({"grid": {"train.global_batch_size": [8, 16],
-                                     "optimizer.learning_rate": [1e-3, 2e-3, 3e-3]}})
+                                     "optimizer.learning_rate": [1e-3, 2e-3, 3e-3]}, "metric": "accuracy"})
   rows, _ = sweep.run_sweep(base_config(setup), spec, str(tmp_path / "p"), parallel=2)
   assert calls == [["000_bs=8_lr=0.001", "001_bs=8_lr=0.002"], ["002_bs=8_lr=0.003"],
                    ["003_bs=16_lr=0.001", "004_bs=16_lr=0.002"], ["005_bs=16_lr=0.003"]]

@@ -64,8 +64,8 @@ def test_loss_falls_and_run_outputs(finished_run):
   assert all({"step", "loss", "learning_rate"} <= set(r) for r in train)
   assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]]) - 0.1
   # 512 examples for 8 epochs overfit, so the best (not the last) eval loss is the one that falls.
-  assert min(r["loss"] for r in evals) < evals[0]["loss"] - 0.02
-  assert evals[-1]["accuracy"] >= evals[0]["accuracy"] + 0.08 and summary["best"]["eval_accuracy"] >= 0.6
+  assert min(r["eval_loss"] for r in evals) < evals[0]["eval_loss"] - 0.02
+  assert evals[-1]["accuracy"] >= evals[0]["accuracy"] + 0.08 and summary["best"]["accuracy"] >= 0.6
   # 100 eval examples (not a multiple of the batch of 16): every one counted.
   assert summary["num_eval_examples"] == 100 and summary["num_train_examples"] == 512
   assert summary["steps"] == summary["total_steps"] and summary["epochs_completed"] == 8
@@ -76,7 +76,11 @@ def test_loss_falls_and_run_outputs(finished_run):
   assert 0 < summary["padding_fraction"] < 0.5 and 1 <= summary["num_compilations"] <= 12
   for key in ("model", "global_batch_size", "train_tokens_per_sec", "wall_seconds", "final"):
     assert key in summary
-  assert {"step", "eval_loss", "eval_accuracy", "eval_f1"} <= set(summary["final"])
+  # One set of names: summary.json's entries are metrics.jsonl's eval lines (MCC included).
+  assert summary["final"] == {k: v for k, v in evals[-1].items() if k != "kind"}
+  assert set(summary["final"]) == {"step", "eval_loss", "accuracy", "macro_f1", "micro_f1", "mcc"}
+  best = min(evals, key=lambda r: r["eval_loss"])  # train.best_metric defaults to eval_loss
+  assert summary["best"] == {k: v for k, v in best.items() if k != "kind"} and summary["best_metric"] == "eval_loss"
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   assert (workdir / "curves.png").stat().st_size > 1000
   assert json.loads((workdir / "labels.json").read_text())["label_names"] == ["0", "1"]
@@ -236,9 +240,11 @@ def test_num_labels_disagreeing_with_checkpoint_head(setup, tmp_path):
   for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
     (three / name).write_bytes((setup[2] / name).read_bytes())
   # The tiny classifier's vocabulary is 120 ids; the data is tokenized with the MiniLM vocab, so only
-  # the head check matters here and must fire before anything runs.
+  # the head check matters here and must fire before anything runs (model.reinit_head=auto, the default,
+  # replaces the head instead: test_options).
   with pytest.raises(UserError, match="has 3 labels but num_labels=2"):
-    trainer.Trainer(demo_config(data, three), str(tmp_path / "w"))
+    trainer.Trainer(demo_config(data, three, **{"model.reinit_head": False}), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(setup, tmp_path):

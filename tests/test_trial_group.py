@@ -69,7 +69,7 @@ def assert_same_run(a, b, exact: bool):
   for kind in ("train", "eval"):
     la, lb = read_log(a, kind), read_log(b, kind)
     assert [r["step"] for r in la] == [r["step"] for r in lb]
-    keys = ("loss", "accuracy", "learning_rate", "grad_norm") if kind == "train" else ("loss", "accuracy", "macro_f1")
+    keys = ("loss", "accuracy", "learning_rate", "grad_norm") if kind == "train" else ("eval_loss", "accuracy", "macro_f1")
     for key in keys:
       check([r[key] for r in la], [r[key] for r in lb])
   ra, rb = load_run(a, "latest"), load_run(b, "latest")
@@ -244,6 +244,10 @@ def test_rerun_with_other_varying_hyperparameters_is_refused(setup, group_run):
   configs = trial_configs(data, model)
   configs[1].optimizer.weight_decay = 0.01  # now equal in every trial: the stacked state has no slot for it
   before = [(w / "metrics.jsonl").read_text() for w in workdirs]
+  with pytest.raises(UserError, match="this run was trained with optimizer.weight_decay=0.0, not 0.01"):
+    trial_group.TrialGroup(configs, [str(w) for w in workdirs])
+  for c in configs:  # a run alone would now go on with the change; the group still cannot
+    c.train.allow_changed_config = True
   with pytest.raises(UserError, match="this group was started with varying"):
     trial_group.TrialGroup(configs, [str(w) for w in workdirs])
   assert [(w / "metrics.jsonl").read_text() for w in workdirs] == before

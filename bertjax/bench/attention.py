@@ -21,7 +21,7 @@ import numpy as np
 from bertjax import config_base, models, optim
 from bertjax.data.batching import SLOT_FIELDS, TOKEN_FIELDS, Batch
 from bertjax.models.config import resolve_matmul_dtype
-from bertjax.models.encoder import cast_kernels
+from bertjax.models.layers import cast_kernels
 from bertjax.step import make_eval_step, make_train_step, new_train_state
 
 

@@ -41,31 +41,34 @@ def in_order(ids: list[int], batch_size: int) -> list[list[int]]:
 class TorchPeer:
   """Model, optimizer and schedule; `train` and `evaluate` run timed blocks on given examples."""
 
-  def __init__(self, folder: Path, num_labels: int, optimizer_cfg, total_steps: int, seed: int = 0,
-               bf16: bool = False):
+  def __init__(self, folder: Path, num_labels: int, plan, seed: int = 0, bf16: bool = False):
+    """`plan`: the bertjax run's `optim.OptimizerPlan`, so both train with the same resolved values (the
+    learning rate, b2 and warmup after optimizer.lr_scaling)."""
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
-    oc = optimizer_cfg
-    if oc.name != "adamw" or oc.schedule != "linear" or oc.layerwise_lr_decay != 1.0 or oc.lr_scaling != "none":
-      raise UserError("the torch peer implements adamw with a linear schedule, no layer-wise decay and no LR "
-                      "scaling; set optimizer.name=adamw, schedule=linear, layerwise_lr_decay=1, lr_scaling=none")
+    if plan.name != "adamw" or plan.schedule != "linear" or plan.layer_decay != 1.0:
+      raise UserError(f"the torch peer implements adamw with a linear schedule and no layer-wise decay; this run "
+                      f"uses {plan.name} with a {plan.schedule} schedule and layerwise_lr_decay={plan.layer_decay} "
+                      f"(set optimizer.name=adamw, schedule=linear, layerwise_lr_decay=1, or lr_scaling=none if "
+                      f"the batch rule chose {plan.name})")
+    hp = plan.hparams
     torch.manual_seed(seed)
     self.model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels)
     self.model.train()
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")  # norm.weight: ModernBERT
     named = list(self.model.named_parameters())
-    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": oc.weight_decay},
+    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": hp["weight_decay"]},
               {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
-    self.optimizer = torch.optim.AdamW(groups, lr=oc.learning_rate, betas=(oc.b1, oc.b2), eps=oc.eps)
-    self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(oc.warmup_fraction * total_steps),
-                                                     total_steps)
-    self.clip_norm = oc.clip_norm
+    self.optimizer = torch.optim.AdamW(groups, lr=hp["learning_rate"], betas=(hp["b1"], hp["b2"]), eps=hp["eps"])
+    self.scheduler = get_linear_schedule_with_warmup(self.optimizer, hp["warmup_steps"], plan.total_steps)
+    self.clip_norm = hp["clip_norm"]
+    # DistilBERT and ModernBERT take no token_type_ids; DeBERTa-v3 and RoBERTa have no types to tell apart.
+    self.token_types = getattr(self.model.config, "type_vocab_size", 0) > 1
     self.bf16 = bf16  # forward under torch.autocast(bfloat16), as the Hugging Face Trainer's bf16=True
 
   def autocast(self):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
 
-  @staticmethod
-  def collate(tokenized: Tokenized, labels: np.ndarray | None, batch: list[int]) -> dict:
+  def collate(self, tokenized: Tokenized, labels: np.ndarray | None, batch: list[int]) -> dict:
     """Pads a batch to its own longest example (dynamic padding)."""
     longest = int(max(tokenized.lengths[i] for i in batch))
     ids = np.full((len(batch), longest), tokenized.pad_id, np.int64)
@@ -74,8 +77,9 @@ class TorchPeer:
     for r, i in enumerate(batch):
       n = int(tokenized.lengths[i])
       ids[r, :n], types[r, :n], mask[r, :n] = tokenized.ids(i), tokenized.type_ids(i), 1
-    out = {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
-           "attention_mask": torch.from_numpy(mask)}
+    out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    if self.token_types:
+      out["token_type_ids"] = torch.from_numpy(types)
     if labels is not None:
       dtype = torch.float32 if labels.dtype.kind == "f" else torch.long
       out["labels"] = torch.as_tensor(labels[batch], dtype=dtype)

@@ -166,7 +166,8 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
     return 1000 * statistics.median(times)
 
   cfg, reg, accum = tr.model_cfg, tr.regression, tr.grad_accum_steps
-  quiet = SequenceClassifier(cfg.replace(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0))
+  quiet = SequenceClassifier(cfg.replace(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0,
+                                         pooler_dropout=0.0, mlp_dropout=0.0))
   key = jax.random.fold_in(state.rng, 0)
   grad = lambda model, k: jax.jit(jax.value_and_grad(lambda p: loss_sums(model, p, batch, reg, k)[0]))
   train = lambda model: jax.jit(make_train_step(model, tr.tx, tr.schedule, reg, accum))
@@ -185,16 +186,17 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
   ms["forward_eval"] = timed(jax.jit(make_eval_step(tr.eval_model)), state.params, batch)
   update = jax.jit(lambda g, o, p: optax.apply_updates(p, tr.tx.update(g, o, p)[0]))
   ms["optimizer_update"] = timed(update, state.params, state.opt_state, state.params)
-  # The random bits of every dropout mask in the model, drawn alone: embeddings, each applied layer (its
-  # last one at the read-out tokens only), the head's two.
-  r, l, slots = batch.shape
-  h, n = cfg.hidden_size, cfg.num_heads
-  layer = lambda q: [(r, n, q, l), (r, q, h), (r, q, h)]
-  shapes = ([(r, l, cfg.emb_size)] + layer(l) * (len(cfg.layer_schedule()) - 1) + layer(slots)
-            + [(r, slots, h)] * 2)
-  masks = lambda draw: jax.jit(lambda k: [draw(jax.random.fold_in(k, i), s) for i, s in enumerate(shapes)])
-  ms["dropout_masks_alone"] = timed(masks(lambda k, s: keep_mask(k, s, 0.1)), key)  # what the model draws
-  ms["dropout_masks_alone_threefry"] = timed(masks(lambda k, s: jax.random.bernoulli(k, 0.9, s)), key)  # flax's
+  if cfg.architecture == "bert":
+    # The random bits of every dropout mask in a BERT-layout model, drawn alone: embeddings, each applied layer
+    # (its last one at the read-out tokens only), the head's two.
+    r, l, slots = batch.shape
+    h, n = cfg.hidden_size, cfg.num_heads
+    layer = lambda q: [(r, n, q, l), (r, q, h), (r, q, h)]
+    shapes = ([(r, l, cfg.emb_size)] + layer(l) * (len(cfg.layer_schedule()) - 1) + layer(slots)
+              + [(r, slots, h)] * 2)
+    masks = lambda draw: jax.jit(lambda k: [draw(jax.random.fold_in(k, i), s) for i, s in enumerate(shapes)])
+    ms["dropout_masks_alone"] = timed(masks(lambda k, s: keep_mask(k, s, 0.1)), key)  # what the model draws
+    ms["dropout_masks_alone_threefry"] = timed(masks(lambda k, s: jax.random.bernoulli(k, 0.9, s)), key)
   ids = np.asarray(batch.fields()["example_ids"])
   lengths = tr.data.train.batcher.lengths[ids[ids >= 0]]
   out["model_train_flops"] = flops.train_flops(cfg, lengths)
@@ -209,6 +211,7 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
 
 def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   import torch
+  from bertjax import optim
   from bertjax.data import pipeline
   from bertjax.models import hf_weights
   from bertjax.models.config import from_hf_config
@@ -226,10 +229,11 @@ def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   train_tok, train_labels = data.train.batcher.tokenized, data.train.labels
   lengths = train_tok.lengths
   eval_split = data.eval if FLAGS.eval else None
+  # The optimizer values the bertjax run resolved (batch rule included), rebuilt from the same config.
+  opt_plan = optim.plan_optimizer(config.optimizer, plan["total_steps"], tc.global_batch_size)
   peers = {}
   for dtype in plan["peer_dtypes"]:  # each its own model and optimizer, trained on the same blocks
-    peers[dtype] = TorchPeer(folder, data.num_labels, config.optimizer, plan["total_steps"], seed=tc.seed,
-                             bf16=dtype == "bfloat16")
+    peers[dtype] = TorchPeer(folder, data.num_labels, opt_plan, seed=tc.seed, bf16=dtype == "bfloat16")
     if plan["warmup"]:
       peers[dtype].train(train_tok, train_labels, in_order(plan["warmup"], tc.global_batch_size))
     if eval_split is not None:

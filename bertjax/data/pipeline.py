@@ -121,7 +121,7 @@ def build(data_cfg, tokenizer, model_cfg: EncoderConfig, cache_dir: Path | None,
     raise UserError(f"data.max_length={data_cfg.max_length} exceeds the model's {limit} positions")
   check_truncation(data_cfg.truncation)
   if not data_cfg.train:
-    raise UserError("data.train is empty: give a .tsv/.csv/.jsonl path or tfds:NAME:SPLIT")
+    raise UserError("data.train is not set: add --config.data.train=PATH (see docs/data.md)")
   num_shards = data_cfg.get("num_shards", 0) or process_count
   if num_shards < 0:
     raise UserError(f"data.num_shards must be >= 0, got {num_shards}")

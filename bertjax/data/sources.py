@@ -1,6 +1,8 @@
-"""Labelled text examples from local .tsv/.csv/.jsonl files or `tfds:NAME[/CONFIG]:SPLIT`.
+"""Labelled text examples from local files (.tsv/.txt, .csv, .jsonl, .json arrays, .parquet, .arrow), a
+`datasets.save_to_disk` folder (`DIR`, or `DIR:SPLIT` of a DatasetDict) or `tfds:NAME[/CONFIG]:SPLIT`.
 
-Errors name the file and line (or the tfds record) of the offending row, in one line.
+Every kind goes through the same column selection, label parsing and checks. Errors name the file and
+line (the row number of a parquet or arrow table, the tfds record) of the offending row, in one line.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from bertjax.data import tables
 from bertjax.errors import UserError
 
 Field = str | int
-TASKS = ("classification", "regression")
 QUOTINGS = ("auto", "none", "csv")
 _DELIMITERS = {".tsv": "\t", ".txt": "\t", ".csv": ","}
 _TFDS_RE = re.compile(r"^tfds:([^:]+):(.+)$")  # the split may be sliced: train[:10%]
@@ -33,8 +35,8 @@ class Examples:
   """Texts (one or two per example), raw labels and where each row came from.
 
   labels hold str for classification, float for regression, None for unlabelled data.
-  line_numbers are 1-based file lines (the row's first line) or tfds record numbers.
-  label_names is set when the source itself declares class names (tfds ClassLabel).
+  line_numbers are 1-based file lines (the row's first line), table rows or tfds record numbers.
+  label_names is set when the source itself declares class names (a tfds or datasets ClassLabel).
   A shard of a source holds its examples [start, start + len) of `total`.
   """
   texts: list[tuple[str, ...]]
@@ -58,8 +60,9 @@ def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
                   task: str = "classification", quoting: str = "auto",
                   on_bad_row: Callable[[str], None] | None = None, tfds_data_dir: str = "",
                   shard: tuple[int, int] = (0, 1)) -> Examples:
-  """Reads examples from a local file (by extension) or a `tfds:NAME[/CONFIG]:SPLIT` spec
-  (prepared in `tfds_data_dir`, or tfds's default folder / $TFDS_DATA_DIR when empty).
+  """Reads examples from a local file (by extension), a datasets folder (`DIR[:SPLIT]`) or a
+  `tfds:NAME[/CONFIG]:SPLIT` spec (prepared in `tfds_data_dir`, or tfds's default folder / $TFDS_DATA_DIR
+  when empty).
 
   A malformed row raises a UserError naming its line; with `on_bad_row`, the message is passed
   to it instead and the row skipped (a file the csv reader cannot parse still fails).
@@ -73,8 +76,6 @@ def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
     raise ValueError("skipping bad rows would shift the rows of later shards")
   fields = check_fields(text_fields)
   label_field = None if label_field == "" else label_field
-  if task not in TASKS:
-    raise UserError(f"data.task must be one of {', '.join(TASKS)}, got {task!r}")
   if quoting not in QUOTINGS:
     raise UserError(f"quoting must be one of {', '.join(QUOTINGS)}, got {quoting!r}")
   source = str(source)
@@ -83,12 +84,16 @@ def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
     return _read_tfds(source, match.group(1), match.group(2), fields, label_field, task, tfds_data_dir, shard)
   if source.startswith("tfds:"):
     raise UserError(f"bad tfds source {source!r}: expected tfds:NAME[/CONFIG]:SPLIT")
-  path = Path(source)
+  path, split = tables.local_source(source)
+  suffix = path.suffix.lower()
+  if path.is_dir() or suffix in tables.TABLES:
+    table = tables.dataset_folder(path, split) if path.is_dir() else tables.read_table(path)
+    name = f"{path}:{split}" if split else str(path)
+    return _table_examples(name, table, fields, label_field, task, on_bad_row, shard)
   if not path.is_file():
     raise UserError(f"data file not found: {path}")
-  suffix = path.suffix.lower()
   if suffix in (".jsonl", ".json"):
-    rows = _jsonl_rows(path)
+    rows = _json_rows(path, suffix)
     header = None
   elif suffix in _DELIMITERS:
     text = _decode(path)
@@ -102,8 +107,8 @@ def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
         raise UserError(f"{path}: empty file (expected a header line)")
       header = first[1]
   else:
-    raise UserError(f"unsupported data file type {suffix!r} for {path}: "
-                    "use .tsv, .txt (tab-separated), .csv or .jsonl")
+    raise UserError(f"unsupported data file type {suffix!r} for {path}: use .csv, .tsv or .txt (tab-separated), "
+                    ".jsonl, .json, .parquet, .arrow or a datasets.save_to_disk folder")
   if count == 1:
     return _collect(str(path), rows, header, fields, label_field, task, on_bad_row)
   rows = list(rows)
@@ -258,8 +263,54 @@ def _delimited_rows(path: Path, text: str, delimiter: str,
     line = reader.line_num + 1
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-  for line_no, line in enumerate(_decode(path).splitlines(), start=1):
+def _json_rows(path: Path, suffix: str) -> Iterator[tuple[int, Any]]:
+  """(line, value) per JSON value: the lines of a .jsonl file, or the elements of a .json file's top-level
+  array (a .json file that is not an array is read as JSON lines)."""
+  text = _decode(path)
+  if suffix == ".json" and text.lstrip().startswith("["):
+    return _json_array_rows(path, text)
+  return _jsonl_rows(path, text)
+
+
+def _json_array_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+  """The elements of a JSON array, each with the line it starts on; malformed JSON stops the read."""
+  decoder, i = json.JSONDecoder(), text.index("[") + 1
+  line, counted = 1, 0  # line of position `counted`
+
+  def line_at(pos: int) -> int:
+    nonlocal line, counted
+    line, counted = line + text.count("\n", counted, pos), pos
+    return line
+
+  def skip(pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+      pos += 1
+    return pos
+
+  i = skip(i)
+  if i < len(text) and text[i] == "]":
+    i += 1
+  else:
+    while True:
+      try:
+        value, end = decoder.raw_decode(text, i)
+      except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+      yield line_at(i), value
+      i = skip(end)
+      if i < len(text) and text[i] == ",":
+        i = skip(i + 1)
+        continue
+      if i < len(text) and text[i] == "]":
+        i += 1
+        break
+      raise UserError(f"{path}:{line_at(min(i, len(text)))}: invalid JSON (expected ',' or ']' in the array)")
+  if skip(i) != len(text):
+    raise UserError(f"{path}:{line_at(i)}: invalid JSON (extra data after the array)")
+
+
+def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+  for line_no, line in enumerate(text.splitlines(), start=1):
     if not line.strip():
       continue
     try:
@@ -340,6 +391,8 @@ def _row_example(source, line, row, header, fields, label_field, task, getter, w
     values = [row[c] for c in getter[0]]
     raw_label = None if getter[1] is None else row[getter[1]]
   for value in values:
+    if value is None:
+      raise UserError(f"{where}: missing text")
     if not isinstance(value, str):
       raise UserError(f"{where}: text field is {type(value).__name__}, expected a string")
     if not value.strip():
@@ -383,6 +436,32 @@ def _as_int(label: str) -> int | None:
 def _short(names: Sequence[str], limit: int = 10) -> str:
   shown = ", ".join(map(str, names[:limit]))
   return shown + (", ..." if len(names) > limit else "")
+
+
+# ----- parquet, arrow and datasets folders (bertjax.data.tables) -----------------------------
+
+
+def _table_examples(source: str, table, fields: tuple[Field, ...], label_field: Field | None, task: str,
+                    on_bad_row: Callable[[str], None] | None, shard: tuple[int, int]) -> Examples:
+  """Examples from an arrow table's columns, row by row through the checks every source shares."""
+  if table is None or table.num_columns == 0:
+    raise UserError(f"{source}: no data rows")
+  for column, kind in [(f, "text") for f in fields] + ([(label_field, "label")] if label_field is not None else []):
+    problem = tables.column_problem(table, source, column, kind, task)
+    if problem:
+      raise _ColumnError(problem)
+  names = tables.class_names(table, label_field) if label_field is not None and task == "classification" else None
+  total = table.num_rows
+  start, stop = total * shard[0] // shard[1], total * (shard[0] + 1) // shard[1]
+  columns = list(dict.fromkeys(list(fields) + ([label_field] if label_field is not None else [])))
+  values = [table.column(c).slice(start, stop - start).to_pylist() for c in columns]
+  if names:  # datasets marks a missing label with -1
+    label = values[columns.index(label_field)]
+    values[columns.index(label_field)] = [None if v == -1 else v for v in label]
+  rows = ((start + i + 1, dict(zip(columns, row))) for i, row in enumerate(zip(*values)))
+  sharded = {"start": start, "total": total} if shard[1] > 1 else {}
+  examples = _collect(source, rows, None, fields, label_field, task, on_bad_row, **sharded)
+  return dataclasses.replace(examples, label_names=names)
 
 
 # ----- tensorflow-datasets --------------------------------------------------------------

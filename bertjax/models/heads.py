@@ -1,4 +1,5 @@
-"""Classification heads exactly as Hugging Face defines them, read at each example's first token."""
+"""Classification heads exactly as Hugging Face defines them, read at each example's first token or over all of
+its tokens (ModernBERT's `classifier_pooling: mean`)."""
 
 import flax.linen as nn
 import jax
@@ -6,25 +7,43 @@ import jax.numpy as jnp
 
 from bertjax.models.config import EncoderConfig
 from bertjax.models.dropout import Dropout
-from bertjax.models.encoder import Encoder, dense
+from bertjax.models.encoder import Encoder
+from bertjax.models.layers import activation, dense, layer_norm
 
 
 class Head(nn.Module):
-  """pooler: dense-tanh pooler, dropout, classifier (BERT, ALBERT).
-  dense_tanh: dropout, dense, tanh, dropout, out (RoBERTa). dense_gelu: the same with gelu (ELECTRA)."""
+  """pooler: dense `pooler`, act, dropout, classifier (BERT, ALBERT: tanh; DistilBERT: relu).
+  dense: dropout (pooler_dropout), dense, act, dropout, out (RoBERTa, XLM-R, CamemBERT: tanh; ELECTRA,
+  DeBERTa: gelu). dense_norm: dense, act, LayerNorm, dropout, out (ModernBERT)."""
 
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, first_BxSxH, deterministic: bool):
+  def __call__(self, pooled_BxSxH, deterministic: bool):
     cfg = self.cfg
-    drop = lambda t: Dropout(cfg.classifier_dropout)(t, deterministic=deterministic)
+    act = activation(cfg.head_act)
     if cfg.head == "pooler":
-      x = jnp.tanh(dense(cfg, cfg.hidden_size, "pooler")(first_BxSxH))
+      x = act(dense(cfg, cfg.hidden_size, "pooler")(pooled_BxSxH))
     else:
-      act = jnp.tanh if cfg.head == "dense_tanh" else (lambda t: jax.nn.gelu(t, approximate=False))
-      x = act(dense(cfg, cfg.hidden_size, "dense")(drop(first_BxSxH)))
-    return dense(cfg, cfg.num_labels, "out")(drop(x))
+      if cfg.head == "dense":
+        pooled_BxSxH = Dropout(cfg.pooler_dropout)(pooled_BxSxH, deterministic=deterministic)
+      x = act(dense(cfg, cfg.hidden_size, "dense", cfg.head_bias)(pooled_BxSxH))
+      if cfg.head == "dense_norm":
+        x = layer_norm(cfg, "norm")(x)
+    x = Dropout(cfg.classifier_dropout)(x, deterministic=deterministic)
+    return dense(cfg, cfg.num_labels, "out")(x)
+
+
+def mean_over_segments(x_BxLxH: jax.Array, segment_ids_BxL: jax.Array, cls_index_BxS: jax.Array) -> jax.Array:
+  """The mean of each example's tokens: example s of a row is the segment its first token (cls_index) is in.
+  An empty slot (cls_index 0 of a row whose first segment is taken) averages that segment again or padding;
+  the loss masks it. [B, S, H]."""
+  segments_BxS = jnp.take_along_axis(segment_ids_BxL, cls_index_BxS, axis=1)
+  member_BxSxL = segments_BxS[:, :, None] == segment_ids_BxL[:, None, :]
+  counts_BxSx1 = jnp.maximum(member_BxSxL.sum(axis=-1, keepdims=True), 1).astype(jnp.float32)
+  sums_BxSxH = jnp.einsum("bsl,blh->bsh", member_BxSxL.astype(x_BxLxH.dtype), x_BxLxH,
+                          preferred_element_type=jnp.float32)
+  return (sums_BxSxH / counts_BxSx1).astype(x_BxLxH.dtype)
 
 
 class SequenceClassifier(nn.Module):
@@ -34,9 +53,13 @@ class SequenceClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids, segment_ids, position_ids, cls_index, deterministic: bool = True):
-    first_BxSxH = Encoder(self.cfg, name="encoder")(input_ids, token_type_ids, segment_ids, position_ids,
-                                                    deterministic, read_BxS=cls_index)
-    logits_BxSxC = Head(self.cfg, name="head")(first_BxSxH, deterministic)
+    encoder = Encoder(self.cfg, name="encoder")
+    if self.cfg.pooling == "mean":
+      hidden_BxLxH = encoder(input_ids, token_type_ids, segment_ids, position_ids, deterministic)
+      pooled_BxSxH = mean_over_segments(hidden_BxLxH, segment_ids, cls_index)
+    else:
+      pooled_BxSxH = encoder(input_ids, token_type_ids, segment_ids, position_ids, deterministic, read_BxS=cls_index)
+    logits_BxSxC = Head(self.cfg, name="head")(pooled_BxSxH, deterministic)
     return logits_BxSxC.astype(jnp.float32)
 
 

@@ -15,6 +15,6 @@ def get_sweep():
           "train.global_batch_size": [32, 64],
           "optimizer.learning_rate": [2e-5, 5e-5, 1e-4],
       },
-      "metric": "best.eval_accuracy",
+      "metric": "best.accuracy",
       "mode": "max",
   }

@@ -11,6 +11,6 @@ def get_sweep():
           "optimizer.learning_rate": [1e-3, 3e-3],
           "train.seed": [0, 1],
       },
-      "metric": "best.eval_accuracy",
+      "metric": "best.accuracy",
       "mode": "max",
   }
