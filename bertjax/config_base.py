@@ -100,7 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def flatten(tree, prefix: str = "") -> dict[str, Any]:
-  """A nested config or dict by dotted leaf key: {'optimizer': {'learning_rate': v}} -> {'optimizer.learning_rate': v}."""
+  """A nested config or dict by dotted leaf key: {'optimizer': {'learning_rate': v}} ->
+  {'optimizer.learning_rate': v}."""
   out = {}
   for k, v in tree.items():
     out.update(flatten(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v})

@@ -144,7 +144,8 @@ def start_lines(trainer, step: int) -> list[str]:
       f"data: {len(d.train)} train / {pipeline.example_count(d.eval)} eval examples; "
       f"{trainer.steps_per_epoch} steps per epoch, {len(d.train) / trainer.steps_per_epoch:.1f} examples per step; "
       f"padding {d.train.batcher.padding_fraction(0):.1%} ({_layout(d.train.batcher)}{own})",
-      f"optimizer: {trainer.opt_plan.name}, peak learning rate {trainer.opt_plan.hparams['learning_rate']:.3g}{_derived(trainer)}, "
+      f"optimizer: {trainer.opt_plan.name}, peak learning rate {trainer.opt_plan.hparams['learning_rate']:.3g}"
+      f"{_derived(trainer)}, "
       f"{trainer.total_steps} steps ({trainer.opt_plan.hparams['warmup_steps']} warmup), batch {tc.global_batch_size} "
       f"on mesh {dict(trainer.mesh.shape)}"
       + _accumulation(trainer)

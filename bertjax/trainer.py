@@ -349,7 +349,8 @@ def _open(runs: Runs) -> tuple[Session, TrainState, LoopState]:
                      lambda b: sharding.global_batch(b, batch_sharding))
   s = Session(runs, checkpoints, logs, CompiledByShape(runs.jit_train_step(), "train step", log),
               Evaluator(lead.eval_model, lead.mesh, runs.param_shardings), batches,
-              run_log.Progress(lead.total_steps, is_primary=lead.is_primary, every_steps=lead.config.train.log_every_steps),
+              run_log.Progress(lead.total_steps, is_primary=lead.is_primary,
+                               every_steps=lead.config.train.log_every_steps),
               StopSignal(), matmul_peak.run_peak(lead.matmul_dtype), dataclasses.replace(loop.stats), Window())
   s.window.restart(s.train_step)
   return s, state, loop

@@ -15,9 +15,10 @@ those equal in every trial stay constants, so such a trial computes what it woul
 Each trial's workdir ends as an ordinary run of `trainer.train_and_evaluate` leaves it (config.json,
 labels.json, model/, checkpoints of the latest and the best step, metrics.jsonl, TensorBoard,
 summary.json, curves.png), and can later be resumed or extended alone: `TrialGroup` is the stacked
-implementation of the `trainer.Runs` that `trainer.train` loops over. The stacked state is also checkpointed, first and synchronously at each
-save, in the group workdir (default: `.group-<hash>` next to the first trial's workdir); a rerun
-resumes from it, after first writing the checkpoint of any trial whose own save was cut short.
+implementation of the `runs.Runs` that `trainer.train` loops over. The stacked state is also checkpointed,
+first and synchronously at each save, in the group workdir (default: `.group-<hash>` next to the first
+trial's workdir); a rerun resumes from it, after first writing the checkpoint of any trial whose own save
+was cut short.
 Once the group has finished, the group workdir only serves a rerun (which changes nothing).
 """
 
@@ -130,8 +131,8 @@ class TrialGroup:
     self.state_shardings = jax.tree.map(lambda x: NamedSharding(mesh, P(None, *spec(x))), one)
     self.trial_shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), one)
     self.param_shardings = self.trial_shardings.params
-    self.abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct((len(self.trainers),) + x.shape, x.dtype, sharding=s),
-                                 one, self.state_shardings)
+    stacked = lambda x, s: jax.ShapeDtypeStruct((len(self.trainers),) + x.shape, x.dtype, sharding=s)
+    self.abstract = jax.tree.map(stacked, one, self.state_shardings)
     take = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
     self._take = jax.jit(take, out_shardings=self.trial_shardings)
     self._take_params = jax.jit(take, out_shardings=self.param_shardings)
@@ -208,8 +209,8 @@ class TrialGroup:
     positions = {(loop.epoch, loop.step_in_epoch) for _, loop in restored}
     if len(positions) > 1:
       raise UserError(f"the trials' latest checkpoints are at different data positions {sorted(positions)}")
-    states = [s.replace(opt_state=optim.InjectedState({k: v[i] for k, v in self._hparams.items()},
-                                                      jax.tree.unflatten(self._inner_def, jax.tree.leaves(s.opt_state))))
+    inner = lambda s: jax.tree.unflatten(self._inner_def, jax.tree.leaves(s.opt_state))
+    states = [s.replace(opt_state=optim.InjectedState({k: v[i] for k, v in self._hparams.items()}, inner(s)))
               for i, (s, _) in enumerate(restored)]
     loop = dataclasses.replace(restored[0][1], runs=[loop.runs[0] for _, loop in restored])
     return jax.device_put(_stack(states), self.state_shardings), loop

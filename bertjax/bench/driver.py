@@ -165,7 +165,8 @@ def drive(config, workdir: Path) -> dict:
       "command": " ".join(["python -m bertjax.bench", *sys.argv[1:]]),
       "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),
       # The CPU's model: benches on different CPUs are not comparable in examples/s.
-      "machine": {**_machine(), "jax": jx.ready["jax"], "torch": th.ready["torch"], "torch_threads": th.ready["threads"],
+      "machine": {**_machine(), "jax": jx.ready["jax"], "torch": th.ready["torch"],
+                  "torch_threads": th.ready["threads"],
                   "torch_interop_threads": th.ready["interop_threads"],
                   # bertjax.host_memory's malloc setting in each worker process
                   "keeps_freed_memory": {"bertjax": jx.ready["keeps_freed_memory"],
