@@ -324,6 +324,7 @@ def _devices_cli(devices, workdir, data, model, *args):
   return cmd, env
 
 
+@pytest.mark.slow
 def test_a_four_device_checkpoint_resumes_on_two_devices(setup, tmp_path):
   """Stopped (SIGTERM) on 4 devices, resumed on 2: the same batches from the same data position, and the
   parameters of the uninterrupted 4-device run (up to float summation order)."""

@@ -108,6 +108,7 @@ def straight_runs(setup):
   return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed,every", [(0, 5), (1, 5), (2, 1), (3, 1)])
 def test_resume_after_kill_equals_uninterrupted(setup, straight_runs, seed, every):
   """kill -9 at a seeded random moment (after a random checkpoint, plus a random delay; with a save
@@ -171,6 +172,7 @@ def _error_line(result):
   return lines[0]
 
 
+@pytest.mark.slow
 def test_cli_errors_exit_2_and_keep_workdir(finished_run, setup, tmp_path):
   workdir, _ = finished_run
   _, data, model = setup

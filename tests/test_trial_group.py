@@ -154,6 +154,7 @@ def test_injected_optimizer_matches_the_single_run_optimizer(name):
       np.testing.assert_allclose(a[k], b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_killed_group_resumes_to_the_uninterrupted_result(setup, group_run):
   root, data, model = setup
   _, straight = group_run
