@@ -3,9 +3,11 @@ linear decay; learning rate, epochs and warmup steps from the microsoft/deberta-
 (base: lr 2e-5, 500 warmup steps, 3 epochs, batch 8 x 8 = 64), within the paper's grid (lr 1.5e-5..3e-5 for base,
 warmup {50, 100, 500, 1000} steps, batch 16..64).
 
-  python -m bertjax.train --config configs/deberta_v3.py --workdir runs/deberta_v3
-Needs the network for microsoft/deberta-v3-base (its tokenizer is an spm.model: pip install sentencepiece) and
-SST-2 from tensorflow-datasets; with local files: --config.model.name_or_path=/path/to/deberta-v3-base ...
+  python -m bertjax.train --config configs/deberta_v3.py --config.data.train=train.csv --config.data.eval=dev.csv
+microsoft/deberta-v3-base comes from the hub (its tokenizer is an spm.model: pip install sentencepiece); offline,
+--config.model.name_or_path=/path/to/deberta-v3-base. Data: your files (any format of docs/data.md), or GLUE from
+tensorflow-datasets: --config.data.train=tfds:glue/sst2:train --config.data.eval=tfds:glue/sst2:validation.
+The warmup is the model card's step count as a share of its SST-2 run (it scales with any data set's length).
 Variants: `configs/deberta_v3.py:size=large` (lr 6e-6, 50 warmup steps, 2 epochs), `size=small`, `size=xsmall`.
 """
 
@@ -24,8 +26,6 @@ def get_config(arg=None):
   lr, warmup_steps, epochs = RECIPES[arg.size]
   c = base_config()
   c.model.name_or_path = f"microsoft/deberta-v3-{arg.size}"
-  c.data.train = "tfds:glue/sst2:train"
-  c.data.eval = "tfds:glue/sst2:validation"
   c.train.global_batch_size = 64
   c.optimizer.base_batch_size = 64  # the batch this learning rate is for (lr_scaling=auto)
   c.train.num_epochs = epochs

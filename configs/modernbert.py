@@ -2,9 +2,10 @@
 (examples/finetune_modernbert_on_glue.ipynb in AnswerDotAI/ModernBERT): AdamW lr 8e-5, betas (0.9, 0.98),
 eps 1e-6, weight decay 8e-6, batch 32, 2 epochs, linear decay without warmup.
 
-  python -m bertjax.train --config configs/modernbert.py --workdir runs/modernbert
-Needs the network for answerdotai/ModernBERT-base and SST-2 from tensorflow-datasets; with local files:
---config.model.name_or_path=/path/to/ModernBERT-base --config.data.train=train.tsv ...
+  python -m bertjax.train --config configs/modernbert.py --config.data.train=train.csv --config.data.eval=dev.csv
+answerdotai/ModernBERT-base comes from the hub; offline, --config.model.name_or_path=/path/to/ModernBERT-base.
+Data: your files (any format of docs/data.md), or GLUE from tensorflow-datasets:
+--config.data.train=tfds:glue/sst2:train --config.data.eval=tfds:glue/sst2:validation.
 Variant `configs/modernbert.py:size=large` keeps these settings (the notebook tunes base only).
 Packing is ModernBERT's unpadding: several examples share a row, and rotary positions and the 128-token sliding
 window count within each (bertjax.models.modernbert).
@@ -17,8 +18,6 @@ def get_config(arg=None):
   arg = parse_arg(arg, size="base")
   c = base_config()
   c.model.name_or_path = f"answerdotai/ModernBERT-{arg.size}"
-  c.data.train = "tfds:glue/sst2:train"
-  c.data.eval = "tfds:glue/sst2:validation"
   c.train.global_batch_size = 32
   c.optimizer.base_batch_size = 32  # the batch this learning rate is for (lr_scaling=auto)
   c.train.num_epochs = 2.0

@@ -66,7 +66,7 @@ def snli_split(root: Path) -> None:
 def run(root: Path, c: dict, seed: int, python: str) -> dict | None:
   """One seed of a cell (trained unless finished before); its summary, or None if it failed."""
   task = TASKS[c["task"]]
-  data = lambda key: str((root if key.startswith("snli") else SHARED) / task[key])
+  data = lambda key: str((root if task[key].startswith("snli") else SHARED) / task[key])  # SNLI: split in ROOT
   workdir = root / c["name"] / f"seed{seed}"
   summary = workdir / "summary.json"
   if not (summary.exists() and json.loads(summary.read_text()).get("finished")):

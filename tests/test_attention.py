@@ -45,11 +45,18 @@ def unpacked_batch(rng):
               cls_index=np.zeros((3, 1), np.int32))
 
 
+MODERNBERT = dict(family="modernbert", architecture="modernbert", type_vocab_size=0, absolute_positions=False,
+                  norm_bias=False, attention_bias=False, mlp_bias=False, layer_windows=(4, 0),
+                  rope_thetas=(1e4, 1.6e5), head="dense_norm", head_act="gelu", head_bias=False)
+
+
 @pytest.mark.parametrize("make_batch", [packed_batch, unpacked_batch])
-def test_xla_attention_equals_einsum(make_batch):
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_xla_attention_equals_einsum(make_batch, family):
   """float32 logits, hidden states and all gradients agree within 1e-6 (the gradients relative to their
-  largest), through full-length layers and the last layer run only at the read-out tokens."""
-  cfg = tiny_cfg()
+  largest), through full-length layers and the last layer run only at the read-out tokens; ModernBERT's
+  rotary positions and sliding window (4 tokens here) go through the fused path too."""
+  cfg = tiny_cfg(**(MODERNBERT if family == "modernbert" else {}))
   params = models.init_params(cfg, seed=1)
   batch = make_batch(np.random.default_rng(0))
   weights = np.random.default_rng(2).normal(size=(*batch["cls_index"].shape, 3)).astype(np.float32)
@@ -65,7 +72,8 @@ def test_xla_attention_equals_einsum(make_batch):
   assert np.abs(got_hidden - want_hidden).max() <= 1e-6 and got_hidden.shape == (*batch["input_ids"].shape, 32)
   want_flat, got_flat = np.asarray(ravel_pytree(want_grads)[0]), np.asarray(ravel_pytree(got_grads)[0])
   assert np.abs(got_flat - want_flat).max() <= 1e-6 * np.abs(want_flat).max()
-  read_out_query = want_grads["encoder"]["layer_1"]["attention"]["query"]["kernel"]
+  read_out_query = want_grads["encoder"]["layer_1"]["attention"]["qkv" if family == "modernbert" else "query"]
+  read_out_query = read_out_query["kernel"]
   assert np.abs(read_out_query).max() > 1e-2  # gradients reach the read-out layer's attention
 
 
@@ -107,6 +115,9 @@ def test_auto_attention_choices():
       gpu(f32, "cudnn")
     with pytest.raises(UserError, match="head size must be a multiple of 8 and at most 128, got 12"):
       gpu(bf16.replace(hidden_size=48), "cudnn")
+    # DeBERTa adds its position terms to materialised scores: einsum everywhere.
+    assert gpu(bf16.replace(architecture="deberta")) == Attention("einsum", "einsum", "DeBERTa: einsum only",
+                                                                  "DeBERTa: einsum only")
 
 
 @pytest.mark.parametrize("name,cfg,match", [
@@ -114,6 +125,7 @@ def test_auto_attention_choices():
     ("cudnn", tiny_cfg(dtype="bfloat16"), "model.attention=cudnn needs a CUDA GPU"),
     ("xla", tiny_cfg(attention_dropout=0.1), "model.attention=xla has no attention dropout, and the model's is "
                                              "0.1: set model.attention_dropout=0.0, or model.attention=einsum"),
+    ("xla", tiny_cfg(architecture="deberta"), "model.attention=xla is not implemented for DeBERTa's disentangled"),
 ])
 def test_attention_refusals_on_this_cpu(name, cfg, match):
   with pytest.raises(UserError, match=match) as e:

@@ -206,7 +206,7 @@ def test_unknown_label_names_file_and_line(tmp_path):
 def test_source_errors(tmp_path):
   one_line_error(lambda: sources.read_examples(tmp_path / "nope.tsv", "text"), "nope.tsv")
   one_line_error(lambda: read("sst2/dev.tsv", "text", "label"),
-                 "'text'", "columns: sentence, label")
+                 "'text' (data.text_fields)", "columns: sentence, label")
   one_line_error(lambda: read("thucnews_titles/dev.txt", 2, 1, has_header=False),
                  "index 2", "2 fields")
   bad = tmp_path / "bad.tsv"

@@ -113,7 +113,7 @@ def test_json_array_errors_name_the_line_of_the_element(tmp_path):
     (lambda d: pq.write_table(pa.table({"sentence": [1, 2], "label": [0, 1]}), d / "ints.parquet") or
      d / "ints.parquet", r"ints.parquet: column 'sentence' holds int64, expected strings for the text$"),
     (lambda d: pq.write_table(pa.table({"text": ["a"], "label": [0]}), d / "cols.parquet") or d / "cols.parquet",
-     r"column 'sentence' not in .*cols.parquet; columns: text, label$"),
+     r"column 'sentence' \(data.text_fields\) not in .*cols.parquet; columns: text, label$"),
     (lambda d: pq.write_table(pa.table({"sentence": ["a", None], "label": [0, 1]}), d / "null.parquet") or
      d / "null.parquet", r"null.parquet:2: missing text$"),
     (lambda d: f"{HF_FOLDER}:test", r"sentiment_hf: no split 'test'; splits: train, validation$"),

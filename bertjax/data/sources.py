@@ -331,8 +331,8 @@ def check_fields(text_fields: Field | Sequence[Field]) -> tuple[Field, ...]:
   return fields
 
 
-def _column(field: Field, header: list[str] | None, width: int, where: str) -> int:
-  """Index of a named or numbered column."""
+def _column(field: Field, header: list[str] | None, width: int, where: str, key: str) -> int:
+  """Index of a named or numbered column; `key` is the config key that names it (for the error)."""
   if isinstance(field, int) or (header is None and str(field).isdigit()):
     index = int(field)
     if not 0 <= index < width:
@@ -342,7 +342,7 @@ def _column(field: Field, header: list[str] | None, width: int, where: str) -> i
     raise _ColumnError(f"column {field!r} given by name but {where} has no header "
                     "(set data.has_header or use column indices)")
   if field not in header:
-    raise _ColumnError(f"column {field!r} not in {where}; columns: {', '.join(header)}")
+    raise _ColumnError(f"column {field!r} ({key}) not in {where}; columns: {', '.join(header)}")
   return header.index(field)
 
 
@@ -385,8 +385,8 @@ def _row_example(source, line, row, header, fields, label_field, task, getter, w
     if len(row) != width:
       raise UserError(f"{where}: expected {width} fields, found {len(row)} (malformed row)")
     if getter is None:
-      text_cols = [_column(f, header, width, source) for f in fields]
-      label_col = None if label_field is None else _column(label_field, header, width, source)
+      text_cols = [_column(f, header, width, source, "data.text_fields") for f in fields]
+      label_col = None if label_field is None else _column(label_field, header, width, source, "data.label_field")
       getter = (text_cols, label_col)
     values = [row[c] for c in getter[0]]
     raw_label = None if getter[1] is None else row[getter[1]]
@@ -447,7 +447,8 @@ def _table_examples(source: str, table, fields: tuple[Field, ...], label_field: 
   if table is None or table.num_columns == 0:
     raise UserError(f"{source}: no data rows")
   for column, kind in [(f, "text") for f in fields] + ([(label_field, "label")] if label_field is not None else []):
-    problem = tables.column_problem(table, source, column, kind, task)
+    problem = tables.column_problem(table, source, column, kind, task,
+                                    "data.text_fields" if kind == "text" else "data.label_field")
     if problem:
       raise _ColumnError(problem)
   names = tables.class_names(table, label_field) if label_field is not None and task == "classification" else None

@@ -67,12 +67,12 @@ def class_names(table, column: str) -> list[str] | None:
   return [str(n) for n in feature["names"]] if feature.get("_type") == "ClassLabel" else None
 
 
-def column_problem(table, source: str, column, kind: str, task: str) -> str | None:
+def column_problem(table, source: str, column, kind: str, task: str, key: str) -> str | None:
   """Why a column cannot serve as the text or the label (None if it can): missing, or not holding strings for
   a text, numbers (or strings, for classes) for a label."""
   import pyarrow as pa
   if column not in table.column_names:
-    return f"column {column!r} not in {source}; columns: {', '.join(table.column_names)}"
+    return f"column {column!r} ({key}) not in {source}; columns: {', '.join(table.column_names)}"
   dtype = table.schema.field(column).type
   dtype = dtype.value_type if pa.types.is_dictionary(dtype) else dtype
   strings = pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype)
