@@ -245,7 +245,7 @@ def test_fsdp_and_data_sharding_match_one_device():
       from test_step import tiny_cfg, random_tokens
       from bertjax import config_base, models, optim, sharding
       from bertjax.data.batching import Batcher
-      from bertjax.step import TrainState, make_train_step
+      from bertjax.step import make_train_step, new_train_state
       assert jax.device_count() == 8
       tokens, labels = random_tokens(96, seed=3)
       common = dict(hidden_size=128, intermediate_size=256, hidden_dropout=0.1, attention_dropout=0.1,
@@ -259,10 +259,10 @@ def test_fsdp_and_data_sharding_match_one_device():
       for cfg in cfgs:
         model = models.SequenceClassifier(cfg)
         params = models.init_params(cfg)
-        tx, schedule, _ = optim.make_optimizer(config_base.base_config().optimizer, params, 10, 32)
+        plan = optim.plan_optimizer(config_base.base_config().optimizer, 10, 32)
+        tx, schedule = optim.build_optimizer(plan, plan.hparams, params)
         def run(mesh):
-          state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                             rng=jax.random.PRNGKey(0))
+          state = new_train_state(params, tx, seed=0)
           shard = sharding.state_shardings(jax.eval_shape(lambda s: s, state), mesh)
           split = [p for p in jax.tree.leaves(shard.params) if p.spec != jax.sharding.PartitionSpec()]
           state = jax.device_put(state, shard)
