@@ -202,6 +202,7 @@ def trained(text_models):
   return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINING)
 def test_training_lowers_the_loss_and_the_export_loads_in_pytorch(text_models, trained, name):
   root, _, texts = text_models
@@ -222,6 +223,7 @@ def test_training_lowers_the_loss_and_the_export_loads_in_pytorch(text_models, t
   assert np.abs(ours[:, 0] - ours[:, 1]).max() > 0.1  # a trained head, not an untouched one
 
 
+@pytest.mark.slow
 def test_ensemble_across_families(text_models, trained):
   """A DeBERTa and a ModernBERT run, each tokenizing with its own tokenizer, vote as one ensemble."""
   root, _, _ = text_models

@@ -71,6 +71,7 @@ def test_skip_nonfinite_steps_counts_and_continues(setup, monkeypatch):
   assert np.isfinite(summary["final"]["eval_loss"])
 
 
+@pytest.mark.slow
 def test_checkpoint_write_failure_is_reported_and_previous_kept(setup):
   root, data, model = setup
   workdir = root / "full"
@@ -120,6 +121,7 @@ def test_regression_on_stsb_pairs(setup, tmp_path):
   assert json.loads((tmp_path / "w" / "labels.json").read_text())["label_names"] is None
 
 
+@pytest.mark.slow
 def test_bfloat16_training_runs_and_learns(setup):
   root, data, model = setup
   config = demo_config(data, model, **{"model.dtype": "bfloat16"})

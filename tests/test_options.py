@@ -80,6 +80,7 @@ def _expected_stop(evals, metric, patience):
   return None
 
 
+@pytest.mark.slow
 def test_early_stopping_follows_the_best_metric(setup, f1_run):
   """With patience 3 the run ends where the evals of the same run without stopping say macro_f1 stopped
   improving for 3 evals (not where eval loss did)."""
@@ -144,6 +145,7 @@ def test_class_weight_vector():
 # ----- a changed setting on resume -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_changed_learning_rate_is_refused_and_allowed_with_the_flag(setup, tmp_path):
   _, data, model = setup
   constant = {"optimizer.schedule": "constant", "optimizer.warmup_fraction": 0.0, "train.log_every_steps": 2,
@@ -175,6 +177,7 @@ def test_changed_learning_rate_is_refused_and_allowed_with_the_flag(setup, tmp_p
 # ----- model.reinit_head and weights -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_three_label_checkpoint_fine_tunes_on_two_labels_with_a_new_head(setup, tmp_path):
   _, data, _ = setup
   three = tiny_bert_with_tokenizer(tmp_path / "three", num_labels=3, with_head=True)
@@ -298,6 +301,7 @@ def test_default_workdir_names():
   assert default_workdir("/x/configs/bert.py:name=/models/bert zh") == "runs/bert-name=_models_bert_zh"
 
 
+@pytest.mark.slow
 def test_train_without_workdir_uses_and_resumes_the_default(setup, tmp_path):
   _, data, model = setup
   args = [f"--config={REPO}/configs/demo.py:tiny", f"--config.data.train={data}/train.tsv",

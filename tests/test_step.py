@@ -77,6 +77,7 @@ def test_partial_batch_loss_is_mean_over_real_examples():
   np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluator_counts_every_example_and_packing_keeps_logits():
   tokens, labels = random_tokens(37, seed=1)
   cfg = tiny_cfg()

@@ -153,6 +153,7 @@ def test_resume_after_kill_equals_uninterrupted(setup, straight_runs, seed, ever
   assert loss(lines) == loss(straight_lines)
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_changes_nothing(finished_run, setup):
   workdir, summary = finished_run
   _, data, model = setup
@@ -249,6 +250,7 @@ def test_num_labels_disagreeing_with_checkpoint_head(setup, tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(setup, tmp_path):
   _, data, model = setup
   config = demo_config(data, model, **{"optimizer.learning_rate": 1e30, "optimizer.clip_norm": 0.0,
@@ -365,6 +367,7 @@ def test_auto_accumulation_splits_cpu_steps_into_cache_sized_micro_batches():
   assert auto_accumulation(168, 82, 384, "gpu") == auto_accumulation(168, 82, 384, "tpu") == 1
 
 
+@pytest.mark.slow
 def test_auto_accumulation_trains_what_the_same_explicit_setting_trains(setup, tmp_path, monkeypatch):
   """grad_accum_steps=auto resolves to a number (more than 1 here: the budget is lowered so the tiny model
   splits its steps), says so at start, and trains exactly what that explicit number trains (float32 products)."""

@@ -79,6 +79,7 @@ def assert_same_run(a, b, exact: bool):
   assert sa["best"]["step"] == sb["best"]["step"] and sa["finished"] == sb["finished"]
 
 
+@pytest.mark.slow
 def test_each_trial_matches_its_single_run(group_run, single_runs):
   (g_summaries, g_dirs), (s_summaries, s_dirs) = group_run, single_runs
   for k, (g, s) in enumerate(zip(g_dirs, s_dirs)):
@@ -186,6 +187,7 @@ def test_killed_group_resumes_to_the_uninterrupted_result(setup, group_run):
   assert [(w / "metrics.jsonl").read_text() for w in workdirs] == before
 
 
+@pytest.mark.slow
 def test_trial_save_cut_short_is_completed_on_resume(setup, group_run, monkeypatch):
   """Killed after the group's checkpoint of a step but before a trial's own: the rerun writes it."""
   root, data, model = setup
@@ -212,6 +214,7 @@ def test_trial_save_cut_short_is_completed_on_resume(setup, group_run, monkeypat
     assert_same_run(a, b, exact=True)
 
 
+@pytest.mark.slow
 def test_group_without_its_group_workdir_goes_on_from_the_trials(setup, group_run, monkeypatch, tmp_path):
   """The group workdir lost (or the trials regrouped): the trials' own checkpoints, all of one step, are stacked."""
   root, data, model = setup
@@ -239,6 +242,7 @@ def test_group_without_its_group_workdir_goes_on_from_the_trials(setup, group_ru
     assert_same_run(a, b, exact=True)
 
 
+@pytest.mark.slow
 def test_rerun_with_other_varying_hyperparameters_is_refused(setup, group_run):
   _, data, model = setup
   _, workdirs = group_run
@@ -254,6 +258,7 @@ def test_rerun_with_other_varying_hyperparameters_is_refused(setup, group_run):
   assert [(w / "metrics.jsonl").read_text() for w in workdirs] == before
 
 
+@pytest.mark.slow
 def test_evaluate_cli_on_a_group_trial(group_run, tmp_path):
   summaries, workdirs = group_run
   out = tmp_path / "eval.json"
@@ -265,6 +270,7 @@ def test_evaluate_cli_on_a_group_trial(group_run, tmp_path):
   assert model["metrics"]["loss"] == pytest.approx(summaries[1]["best"]["eval_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_stops_alone(setup, tmp_path):
   _, data, model = setup
   steps = {"train.max_steps": 12, "train.eval_every_steps": 6, "train.checkpoint_every_steps": 1}
