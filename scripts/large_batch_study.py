@@ -49,7 +49,8 @@ def cell(task: str, batch: int, epochs: int, scaling: str = "auto") -> dict:
 CELLS = [cell("sst2", 32, 1), cell("sst2", 1024, 1), cell("sst2", 1024, 1, "sqrt"), cell("sst2", 1024, 1, "linear"),
          cell("sst2", 256, 1), cell("sst2", 4096, 3), cell("sst2", 32, 3), cell("sst2", 1024, 3),
          cell("snli", 32, 3), cell("snli", 1024, 3), cell("stsb", 32, 3), cell("stsb", 1024, 3),
-         cell("sst2", 4096, 1), cell("sst2", 256, 3), cell("sst2", 4096, 3, "sqrt"), cell("sst2", 1024, 3, "sqrt")]
+         cell("sst2", 4096, 1), cell("sst2", 256, 3), cell("sst2", 4096, 3, "sqrt"), cell("sst2", 1024, 3, "sqrt"),
+         cell("snli", 1024, 3, "sqrt"), cell("stsb", 1024, 3, "sqrt")]
 
 
 def snli_split(root: Path) -> None:
