@@ -99,21 +99,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def flat_keys(cfg, prefix: str = "") -> list[str]:
-  """Dotted leaf keys of a (nested) config: ['model.name_or_path', 'model.dtype', ...]."""
-  out = []
-  for k, v in cfg.items():
-    if hasattr(v, "items"):
-      out += flat_keys(v, f"{prefix}{k}.")
-    else:
-      out.append(f"{prefix}{k}")
+def flatten(tree, prefix: str = "") -> dict[str, Any]:
+  """A nested config or dict by dotted leaf key: {'optimizer': {'learning_rate': v}} ->
+  {'optimizer.learning_rate': v}."""
+  out = {}
+  for k, v in tree.items():
+    out.update(flatten(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v})
   return out
 
 
 def check_keys(keys, what: str = "config key") -> None:
   """A key not in `base_config()` raises a one-line UserError naming it, the closest key and all valid keys."""
   import difflib
-  valid = sorted(flat_keys(base_config()))
+  valid = sorted(flatten(base_config()))
   for key in keys:
     if key not in valid:
       close = difflib.get_close_matches(key, valid, n=1)
@@ -147,7 +145,9 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   if not data.train:
     raise UserError("data.train is not set: add --config.data.train=PATH (a .csv, .tsv, .jsonl, .json, .parquet or "
                     ".arrow file, a datasets.save_to_disk folder, or tfds:glue/sst2:train; see docs/data.md)")
-  task = data.task if data.task in TASK_METRICS else "classification"
+  if data.task not in TASK_METRICS:
+    raise UserError(f"data.task must be one of {', '.join(TASK_METRICS)}, got {data.task!r}")
+  task = data.task
   if train.best_metric not in TASK_METRICS[task]:
     raise UserError(f"train.best_metric must be one of {', '.join(TASK_METRICS[task])} for {task}, "
                     f"got {train.best_metric!r}")

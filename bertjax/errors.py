@@ -1,4 +1,5 @@
-"""The one error type for bad user input, and how command-line tools report it."""
+"""The error types the command-line tools report in one line (bad input: exit 2; a workdir that cannot be
+written: exit 1), and how they report them."""
 
 import functools
 import os
@@ -8,6 +9,10 @@ import threading
 
 class UserError(Exception):
   """A bad input (file, row, label, config key, model folder): one line, exit code 2."""
+
+
+class WriteFailed(Exception):
+  """The workdir could not be written (disk full, permissions): one line, exit code 1."""
 
 
 def first_line(e: BaseException, empty: str | None = None) -> str:

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import jax
 from absl import flags
-from jax.experimental import multihost_utils
 
 from bertjax import ensemble
 from bertjax import metrics as metrics_lib
@@ -33,13 +32,6 @@ from bertjax.models.heads import SequenceClassifier
 from bertjax.step import CompiledByShape, make_eval_step
 
 VOTES = ("soft", "hard", "weighted")
-
-
-def _host(x: jax.Array) -> np.ndarray:
-  """The whole (global) array on this host."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class Evaluator:
@@ -62,7 +54,7 @@ class Evaluator:
 
     def collect(item):
       nonlocal out
-      logits, ids = _host(item[0]), _host(item[1])
+      logits, ids = sharding.host_array(item[0], "eval logits"), sharding.host_array(item[1], "eval logits")
       if out is None:
         out = np.zeros((num_examples, logits.shape[-1]), np.float32)
       real = ids >= 0

@@ -73,7 +73,8 @@ def lower_steps(trainer, platform: str) -> list[LoweredStep]:
 def lower_only(config: ml_collections.ConfigDict, workdir: str, platform: str) -> list[LoweredStep]:
   """Builds the run for `workdir` without writing to it, lowers its steps for `platform` and prints what
   they are: parameters, model FLOPs and the size of each lowered step."""
-  from bertjax.trainer import Trainer, log
+  from bertjax.run_log import log
+  from bertjax.trainer import Trainer
   if platform not in PLATFORMS:
     raise UserError(f"--lower_only must be one of {', '.join(PLATFORMS)}, got {platform!r}")
   trainer = Trainer(config, workdir, token_cache=False)

@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from bertjax.files import atomic_write
 from bertjax.models.config import cpuinfo_value
 
 
@@ -151,10 +152,9 @@ def cached_measurement(dtype: str, path: Path | None = None) -> tuple[float, str
       load = os.getloadavg()[0]
       entries[key] = {"flops_per_device": measure_matmul_peak(dtype),
                       "measured": f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.1f}"}
-      tmp = path.with_suffix(f".{os.getpid()}.tmp")
       try:
-        tmp.write_text(json.dumps(entries, indent=1))
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+          f.write(json.dumps(entries, indent=1))
       except OSError:  # a read-only cache folder costs a measurement per process, not the run's summary
         pass
   return entries[key]["flops_per_device"], entries[key]["measured"]

@@ -1,4 +1,5 @@
-"""Classification and regression metrics in numpy, computed from the confusion matrix.
+"""Classification metrics in numpy, from the confusion matrix (tests check them against scikit-learn, which is
+only a test dependency); regression correlations from scipy.
 
 No jax here: the evaluator gathers logits to the host once and calls these. Undefined ratios
 (a class never predicted, or absent from the labels) count as 0, like scikit-learn's
@@ -7,6 +8,7 @@ No jax here: the evaluator gathers logits to the host once and calls these. Unde
 
 import math
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -123,36 +125,22 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
   return out
 
 
-def rankdata(x: np.ndarray) -> np.ndarray:
-  """1-based ranks, tied values sharing the mean of the ranks they span."""
-  _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-  first = np.cumsum(counts) - counts  # 0-based position of each distinct value's first copy
-  return (first + (counts + 1) / 2.0)[inverse.reshape(-1)]
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-  """Pearson correlation; NaN when either side is constant (as scipy)."""
-  x, y = x - x.mean(), y - y.mean()
-  den = np.sqrt(np.dot(x, x) * np.dot(y, y))
-  return float(np.dot(x, y) / den) if den > 0 else float("nan")
-
-
 def regression_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-  """MSE, Pearson and Spearman correlations for predictions [N] (or [N, 1]) and labels [N]."""
+  """MSE, Pearson and Spearman correlations (scipy's; NaN when a side is constant) for predictions [N] (or [N, 1])
+  and labels [N]."""
   preds = np.asarray(preds, np.float64)
   if preds.ndim == 2 and preds.shape[1] == 1:
     preds = preds[:, 0]
   labels = np.asarray(labels, np.float64).reshape(-1)
   if preds.ndim != 1 or preds.shape != labels.shape or preds.size == 0:
     raise ValueError(f"preds {preds.shape} and labels {labels.shape} must be equal, non-empty [N]")
+  import scipy.stats  # in jax's dependencies; imported here, where it is needed
   mse = float(np.mean((preds - labels) ** 2))
-  return {
-      "mse": mse,
-      "pearson": _pearson(preds, labels),
-      "spearman": _pearson(rankdata(preds), rankdata(labels)),
-      "loss": mse,
-      "num_examples": int(preds.size),
-  }
+  with warnings.catch_warnings():  # a constant side (an untrained head) gives NaN, not a warning per eval
+    warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
+    pearson, spearman = scipy.stats.pearsonr(preds, labels)[0], scipy.stats.spearmanr(preds, labels)[0]
+  return {"mse": mse, "pearson": float(pearson), "spearman": float(spearman), "loss": mse,
+          "num_examples": int(preds.size)}
 
 
 def format_confusion_table(cm: Sequence[Sequence[int]], names: Sequence[str]) -> str:

@@ -330,24 +330,6 @@ def build_optimizer(plan: OptimizerPlan, hparams: dict, params: Any) -> tuple[op
   return optax.chain(*chain), schedule_fn
 
 
-def make_optimizer(
-    cfg: ml_collections.ConfigDict,
-    params: Any,
-    total_steps: int,
-    global_batch_size: int,
-) -> tuple[optax.GradientTransformation, Schedule, float]:
-  """Builds the optimizer from the `optimizer` config group.
-
-  Returns (transformation, schedule_fn, effective_lr): `schedule_fn(step)` is the learning rate
-  of the top layer (head) at `step`, for logging; lower layers get it times their layer-wise
-  multiplier. `effective_lr` is the peak rate after batch-size scaling. `params` (or a tree of
-  `jax.ShapeDtypeStruct` with the same structure) is only read for its structure.
-  """
-  plan = plan_optimizer(cfg, total_steps, global_batch_size)
-  tx, schedule_fn = build_optimizer(plan, plan.hparams, params)
-  return tx, schedule_fn, plan.hparams["learning_rate"]
-
-
 class InjectedState(NamedTuple):
   """Optimizer state with per-trial hyperparameters: `hparams` (float32 scalars) and the chain's
   state `inner`, whose leaves are those of the single-run optimizer's state, in the same order."""

@@ -15,9 +15,7 @@ command with `file:line: reason` and writes nothing; `--skip_bad_lines` skips su
 
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from absl import flags
 
 from bertjax.errors import UserError, exit_on_user_error
 from bertjax.evaluate import Predictor
+from bertjax.files import atomic_write
 from bertjax.metrics import softmax
 
 EXPORT_INFO = "bertjax.json"  # written by bertjax.export: the run's data options and origin
@@ -220,17 +219,10 @@ def write_jsonl(path: str, rows) -> None:
     for row in rows:
       sys.stdout.write(json.dumps(row) + "\n")
     return
-  target = Path(path)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
-    os.replace(tmp, target)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  with atomic_write(path) as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
 
 
 @exit_on_user_error

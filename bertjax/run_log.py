@@ -1,5 +1,5 @@
-"""What a run writes besides checkpoints: metrics.jsonl, TensorBoard events, summary.json
-and a progress line on stderr. Only the primary process writes; elsewhere these are no-ops.
+"""What a run writes besides checkpoints: metrics.jsonl, TensorBoard events, summary.json,
+a progress line and its log lines on stderr. Only the primary process writes; elsewhere these are no-ops.
 
 `metrics.jsonl` is the record of truth (one flushed JSON object per line, so a killed
 run loses at most the line being written); TensorBoard events mirror it for plotting.
@@ -17,8 +17,17 @@ from typing import Any, Callable, Literal, TextIO
 
 import numpy as np
 
+from bertjax.files import atomic_write
+
 Kind = Literal["train", "eval"]
 KINDS = ("train", "eval")
+
+
+def log(msg: str) -> None:
+  """A line on stderr from the primary process (one line per event, not one per process)."""
+  import jax
+  if jax.process_index() == 0:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _scalar(value: Any) -> float | int:
@@ -40,13 +49,9 @@ def write_summary(workdir: str, summary: dict[str, Any]) -> str:
   """Writes `workdir/summary.json` atomically: readers never see half a file."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "summary.json")
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
+  with atomic_write(path, fsync=True) as f:
     json.dump(summary, f, indent=2, sort_keys=True, default=_json_default)
     f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
   return path
 
 
@@ -82,10 +87,8 @@ class RunLog:
             continue  # the line a killed run was writing
           if record.get("step", math.inf) <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
-      tmp = f"{self.path}.tmp.{os.getpid()}"
-      with open(tmp, "w") as f:
+      with atomic_write(self.path) as f:
         f.writelines(kept)
-      os.replace(tmp, self.path)
     if self._writer is not None:
       self._writer.close()
       self._writer = None

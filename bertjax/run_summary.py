@@ -1,10 +1,9 @@
 """What a run reports: its start lines and the fields of its summary.json (throughput, MFU, compilation,
 best and final eval, how it ended)."""
 
-import time
-
 from bertjax import flops
 from bertjax.data import pipeline
+from bertjax.loop_state import RunRecord, Stats
 from bertjax.matmul_peak import Peak
 from bertjax.metrics import BEST_MODES
 
@@ -36,18 +35,18 @@ def early_stop_reason(metric: str, evals: int) -> str:
   return f"early stopping ({metric} did not improve for {evals} evals)"
 
 
-def make_summary(trainer, member, step: int, epochs_completed: float, stats: dict, peak: Peak,
-                 compiled: tuple[int, float], done: bool, stopped_by: str | None) -> dict:
-  """`trainer`: the (lead) Trainer, for data and model; `member`: the run summarised (its config,
-  best and last eval); `peak`: the matmul peak MFU divides by; `compiled`: (number of compilations,
-  seconds spent compiling)."""
-  seconds = max(stats["train_seconds"], 1e-9)
-  tokens_per_sec = stats["tokens"] / seconds
+def make_summary(trainer, run, record: RunRecord, step: int, stats: Stats, peak: Peak, done: bool,
+                 stopped_by: str | None) -> dict:
+  """`trainer`: the Trainer whose data and model every run shares; `run`: the Trainer of the run summarised (its
+  config), `record` its evals and end; `stats`: the loop's, with its wall time and compilations up to date;
+  `peak`: the matmul peak MFU divides by."""
+  seconds = max(stats.train_seconds, 1e-9)
+  tokens_per_sec = stats.tokens / seconds
   # FLOPs per real token of this dataset (mean over the train set), times the measured token rate.
   data = trainer.data
   lengths = data.train.batcher.lengths
   flops_per_token = flops.train_flops(trainer.model_cfg, lengths) / max(int(lengths.sum()), 1)
-  config = member.run.config
+  config = run.config
   return {
       "model": config.model.name_or_path,
       "family": trainer.model_cfg.family,
@@ -58,27 +57,27 @@ def make_summary(trainer, member, step: int, epochs_completed: float, stats: dic
       "mean_examples_per_step": examples_in_steps(data.train.batcher, step) / max(step, 1),
       "steps": step,
       "total_steps": trainer.total_steps,
-      "epochs_completed": epochs_completed,
-      "train_examples_per_sec": stats["examples"] / seconds,
+      "epochs_completed": trainer.epochs_at(step),
+      "train_examples_per_sec": stats.examples / seconds,
       "train_tokens_per_sec": tokens_per_sec,
-      "padding_fraction": 1.0 - stats["tokens"] / max(stats["slots"], 1),
+      "padding_fraction": 1.0 - stats.tokens / max(stats.slots, 1),
       "mfu": tokens_per_sec * flops_per_token / peak.flops,
       "mfu_method": "train FLOPs of real tokens (3x forward, attention within each example) / matmul peak "
                     f"of the run's devices ({trainer.matmul_dtype} operands, float32 sums; see mfu_peak_source)",
       "mfu_peak_source": peak.source,
       "matmul_dtype": trainer.matmul_dtype,
       "matmul_peak_flops": peak.flops,
-      "num_compilations": compiled[0],
-      "compile_seconds": compiled[1],
-      "input_wait_fraction": stats["wait_seconds"] / seconds,
+      "num_compilations": stats.num_compilations,
+      "compile_seconds": stats.compile_seconds,
+      "input_wait_fraction": stats.wait_seconds / seconds,
       "best_metric": config.train.best_metric,
-      "best": member.best,
-      "final": member.last_eval,
-      "wall_seconds": trainer.wall_before + time.time() - trainer.wall_start,
-      "train_seconds": stats["train_seconds"],
+      "best": record.best,
+      "final": record.last_eval,
+      "wall_seconds": stats.wall_seconds,
+      "train_seconds": stats.train_seconds,
       "finished": done and stopped_by is None and step >= trainer.total_steps,
       "stopped_by": stopped_by,
-      "skipped_steps": member.skipped_steps,
+      "skipped_steps": record.skipped_steps,
   }
 
 
@@ -145,7 +144,8 @@ def start_lines(trainer, step: int) -> list[str]:
       f"data: {len(d.train)} train / {pipeline.example_count(d.eval)} eval examples; "
       f"{trainer.steps_per_epoch} steps per epoch, {len(d.train) / trainer.steps_per_epoch:.1f} examples per step; "
       f"padding {d.train.batcher.padding_fraction(0):.1%} ({_layout(d.train.batcher)}{own})",
-      f"optimizer: {trainer.opt_plan.name}, peak learning rate {trainer.effective_lr:.3g}{_derived(trainer)}, "
+      f"optimizer: {trainer.opt_plan.name}, peak learning rate {trainer.opt_plan.hparams['learning_rate']:.3g}"
+      f"{_derived(trainer)}, "
       f"{trainer.total_steps} steps ({trainer.opt_plan.hparams['warmup_steps']} warmup), batch {tc.global_batch_size} "
       f"on mesh {dict(trainer.mesh.shape)}"
       + _accumulation(trainer)

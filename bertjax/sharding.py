@@ -58,22 +58,34 @@ def global_batch(local_batch, sharding: NamedSharding):
   return jax.make_array_from_process_local_data(sharding, local_batch)
 
 
+def _collective(exchange, what: str) -> np.ndarray:
+  """`exchange()` (a multihost_utils collective) as a numpy array; another process leaving it midway (it died,
+  or stopped on an error of its own and said so in its output) is a one-line UserError here."""
+  try:
+    return np.asarray(exchange())
+  except (jax.errors.JaxRuntimeError, ValueError) as e:
+    if not (isinstance(e, jax.errors.JaxRuntimeError) or "Gloo" in str(e)):  # XLA's error, or gloo's ValueError
+      raise
+    raise UserError(f"process {jax.process_index()}: another process stopped while the processes "
+                    f"exchanged {what} (see its output)") from None
+
+
+def host_array(x: jax.Array, what: str = "their outputs") -> np.ndarray:
+  """The whole of a global array (e.g. logits sharded over the batch) on this host."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return _collective(lambda: multihost_utils.process_allgather(x, tiled=True), what)
+
+
 def gather_from_processes(local: np.ndarray, what: str = "their data shards' lengths and labels") -> np.ndarray:
   """Every process's array (32-bit, any leading length) concatenated in process order, on every
   process: how hosts that each read one data shard learn the lengths and labels of all shards."""
   if jax.process_count() == 1:
     return local
-  try:
-    counts = np.asarray(multihost_utils.process_allgather(np.array([len(local)], np.int32))).reshape(-1)
-    padded = np.zeros((max(int(counts.max()), 1),) + local.shape[1:], local.dtype)
-    padded[:len(local)] = local
-    everyone = np.asarray(multihost_utils.process_allgather(padded))
-  except (jax.errors.JaxRuntimeError, ValueError) as e:
-    if not _peer_gone(e):
-      raise
-    # Another process left (it died, or stopped on an error of its own and said so in its output).
-    raise UserError(f"process {jax.process_index()}: another process stopped while the processes "
-                    f"exchanged {what} (see its output)") from None
+  counts = _collective(lambda: multihost_utils.process_allgather(np.array([len(local)], np.int32)), what).reshape(-1)
+  padded = np.zeros((max(int(counts.max()), 1),) + local.shape[1:], local.dtype)
+  padded[:len(local)] = local
+  everyone = _collective(lambda: multihost_utils.process_allgather(padded), what)
   return np.concatenate([everyone[p, :n] for p, n in enumerate(counts)]).astype(local.dtype)
 
 
@@ -83,17 +95,7 @@ def from_process_zero(values: np.ndarray) -> np.ndarray:
   values = np.asarray(values, np.int32)
   if jax.process_count() == 1:
     return values
-  try:
-    return np.asarray(multihost_utils.broadcast_one_to_all(values)).astype(np.int32)
-  except (jax.errors.JaxRuntimeError, ValueError) as e:
-    if not _peer_gone(e):
-      raise
-    raise UserError(f"process {jax.process_index()}: another process stopped (see its output)") from None
-
-
-def _peer_gone(e: Exception) -> bool:
-  """A collective failed because another process left it (XLA's error, or gloo's as a ValueError)."""
-  return isinstance(e, jax.errors.JaxRuntimeError) or "Gloo" in str(e)
+  return _collective(lambda: multihost_utils.broadcast_one_to_all(values), "process 0's decisions").astype(np.int32)
 
 
 def local_rows_multiple(mesh: Mesh) -> int:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bertjax import sharding
 from bertjax.data.batching import Batch
 from bertjax.errors import UserError
 from bertjax.models.heads import SequenceClassifier, model_inputs
@@ -20,6 +21,13 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # uint32[2] raw key; dropout keys are fold_in(rng, step)
+
+
+def new_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """A run's first state: step 0, the optimizer's initial state, the raw key of `seed`. Traceable: jit it (with
+  out_shardings) to build it on the devices, or `jax.eval_shape` it for its shapes."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.PRNGKey(seed))
 
 
 def per_example_loss(logits_BxSxC, labels_BxS, regression: bool):
@@ -43,10 +51,10 @@ def class_weight_vector(setting, labels: np.ndarray, num_labels: int) -> np.ndar
   return np.asarray(setting, np.float32)
 
 
-def _sums(model: SequenceClassifier, params, batch: Batch, regression: bool, dropout_key,
-          class_weights: np.ndarray | None = None):
-  """Sum of per-example losses over real examples (each times its class's weight), and per-example stats
-  (no averaging yet)."""
+def loss_sums(model: SequenceClassifier, params, batch: Batch, regression: bool, dropout_key,
+              class_weights: np.ndarray | None = None):
+  """(sum of the real examples' losses, each times its class's weight, (correct predictions, real examples)):
+  the forward pass of a train step (dropout with `dropout_key`; None: none), before any averaging."""
   deterministic = dropout_key is None
   rngs = None if deterministic else {"dropout": dropout_key}
   fields = batch.fields()
@@ -85,7 +93,7 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
       denom = jnp.maximum(jnp.sum(fields["example_mask"] * weights), 1e-12)
 
     def mean_loss(p, b, k):
-      loss_sum, aux = _sums(model, p, b, regression, k, class_weights)
+      loss_sum, aux = loss_sums(model, p, b, regression, k, class_weights)
       return loss_sum / denom, aux
 
     vg = jax.value_and_grad(mean_loss, has_aux=True)
@@ -119,6 +127,13 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
     return new_state, metrics
 
   return train_step
+
+
+def jit_train_step(step_fn: Callable, state_shardings, mesh) -> Callable:
+  """A train step as the loop runs it: jitted with explicit in/out shardings (batch rows over the mesh), the
+  state donated."""
+  return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 # On a CPU a train step's time per example grows once a micro-batch's activations leave the caches: MiniLM

@@ -42,9 +42,10 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from bertjax.errors import UserError, bound_distributed_exit, exit_on_user_error, first_line
+from bertjax.errors import UserError, WriteFailed, bound_distributed_exit, exit_on_user_error, first_line
+from bertjax.files import atomic_write
 from bertjax.sweep_results import (DONE, STATUSES, Outcome, format_table, metric_value, outcome_on_disk, plot_results,
-                                   status_of, write_atomic, write_results)
+                                   status_of, write_results)
 from bertjax.sweep_spec import Sweep, Trial, load_sweep_file, make_trials, native, parse_sweep, trial_configs
 
 
@@ -75,7 +76,8 @@ def _check_plan(root: Path, planned: list[dict], info: dict) -> None:
                       "sweep file, variant and seed")
     return
   root.mkdir(parents=True, exist_ok=True)
-  write_atomic(path, json.dumps({**info, "trials": planned}, indent=2) + "\n")
+  with atomic_write(path) as f:
+    f.write(json.dumps({**info, "trials": planned}, indent=2) + "\n")
 
 
 def _preflight(configs: Sequence[ml_collections.ConfigDict]) -> None:
@@ -247,13 +249,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from bertjax import cli_setup
   cli_setup.start_jax(f.config.train.deterministic)  # the cache: trials of equal shapes compile once
-  from bertjax import trainer
   info = {"config": config_file_arg(sys.argv), "sweep": f.sweep,
           "fixed": [a for a in sys.argv[1:] if a.startswith("--config.")]}
   try:
     rows, interrupted = run_sweep(f.config, sweep, f.workdir, parallel=f.parallel,
                                   fixed_keys=override_keys(sys.argv), info=info)
-  except trainer.WriteFailed as e:
+  except WriteFailed as e:
     print(f"error: {e}", file=sys.stderr)
     bound_distributed_exit(1)  # the other processes may be waiting for this one
     sys.exit(1)

@@ -4,12 +4,12 @@ import csv
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from bertjax.files import atomic_write
 from bertjax.sweep_spec import Sweep, Trial, format_value, native
 
 ENTRY_FIELDS = ("step", "eval_loss", "accuracy", "macro_f1", "micro_f1", "mcc", "mse", "pearson", "spearman")
@@ -42,12 +42,6 @@ def outcome_on_disk(workdir: Path) -> Outcome:
     except json.JSONDecodeError:
       pass
   return Outcome("interrupted" if (workdir / "config.json").exists() else "pending")
-
-
-def write_atomic(path: Path, text: str) -> None:
-  tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def metric_value(summary: dict | None, metric: str) -> float | None:
@@ -92,15 +86,13 @@ def write_results(root: Path, sweep: Sweep, trials: Sequence[Trial], outcomes: S
   tail = ["steps", "train_examples_per_sec", "wall_seconds", "error"]
   columns = [c for c in columns if c not in tail] + tail
   root.mkdir(parents=True, exist_ok=True)
-  write_atomic(root / "results.json", json.dumps(
-      {"metric": sweep.metric, "mode": sweep.mode, "trials": rows}, indent=2, default=native) + "\n")
-  tmp = root / f"results.csv.tmp.{os.getpid()}"
-  with open(tmp, "w", newline="") as f:
+  with atomic_write(root / "results.json") as f:
+    f.write(json.dumps({"metric": sweep.metric, "mode": sweep.mode, "trials": rows}, indent=2, default=native) + "\n")
+  with atomic_write(root / "results.csv") as f:
     writer = csv.DictWriter(f, fieldnames=columns, restval="")
     writer.writeheader()
     for row in rows:
       writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-  os.replace(tmp, root / "results.csv")
   return rows
 
 

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from bertjax.config_base import call_python_file, check_keys, flatten
 from bertjax.errors import UserError, first_line
 
 SWEEP_FIELDS = ("grid", "random", "num_samples", "seed", "metric", "mode")
@@ -46,27 +47,19 @@ class Trial:
 
 def load_sweep_file(spec: str) -> Any:
   """Runs `get_sweep()` of `FILE.py[:arg]`; any failure is a one-line UserError."""
-  from bertjax.config_base import call_python_file
   return call_python_file(spec, "get_sweep", "sweep file")
 
 
-def _flatten(tree: Any, what: str, prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Any, what: str) -> dict[str, Any]:
   """{'optimizer': {'learning_rate': v}} and {'optimizer.learning_rate': v} both -> {'optimizer.learning_rate': v}."""
   if not hasattr(tree, "items"):
     raise UserError(f"sweep {what} must be a dict of config key -> {'values' if what == 'grid' else 'distribution'}")
-  out = {}
-  for key, value in tree.items():
-    if hasattr(value, "items"):
-      out.update(_flatten(value, what, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
+  return flatten(tree)
 
 
 def parse_sweep(raw: Any, task: str = "classification", best_metric: str = "eval_loss") -> Sweep:
   """Validates a `get_sweep()` result: keys, values, distributions and metric (UserError on any mistake). The
   default metric is `best.<best_metric>` (the base config's train.best_metric), which cannot be swept."""
-  from bertjax.config_base import check_keys
   if isinstance(raw, ml_collections.ConfigDict):
     raw = raw.to_dict()
   if not isinstance(raw, dict):

@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from bertjax import cli_setup
 from bertjax.config_base import config_file_arg, exit_on_bad_command_line
-from bertjax.errors import UserError, bound_distributed_exit, exit_on_user_error
+from bertjax.errors import UserError, WriteFailed, bound_distributed_exit, exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary (resumed if present); default "
@@ -52,7 +52,7 @@ def main(argv):
     return
   try:
     trainer.train_and_evaluate(_CONFIG.value, workdir)
-  except trainer.WriteFailed as e:
+  except WriteFailed as e:
     print(f"error: {e}", file=sys.stderr)
     bound_distributed_exit(1)  # the other processes may be waiting for this one
     sys.exit(1)

@@ -1,36 +1,54 @@
-"""The training loop: build, (resume,) step, evaluate, checkpoint, log, summarise.
+"""A run built from its config (`Trainer`), and the training loop (`train`) that trains one run or a trial group.
 
-Everything that can fail on bad input (config, model folder, data) is checked before the workdir
-is touched, so a failed start loses nothing.
+  summary = train_and_evaluate(config, workdir)       # = Trainer(config, workdir).run()
+
+`train(runs)` is one flat loop over steps, as in nanodo's and the flax examples' train_and_evaluate: dispatch
+the step, then each periodic action where it is due (`_log`, `_eval`, `_checkpoint`, `_maybe_stop`). Its state
+is one `LoopState`, which every checkpoint stores. It trains a `runs.Runs`: `runs.SingleRun` (a run alone) or
+`trial_group.TrialGroup` (K runs stacked and stepped as one vmapped program).
+
+Everything that can fail on bad input (config, model folder, data) is checked while the Trainer is built,
+before the workdir is touched, so a failed start loses nothing.
 """
 
 import copy
 import dataclasses
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from bertjax import checkpoint as ckpt_lib
 from bertjax import cli_setup, matmul_peak, optim, plot, resume, run_log, run_summary, sharding
+from bertjax import step as step_lib
 from bertjax import workdir as workdir_lib
 from bertjax.config_base import check_values
 from bertjax.data import pipeline
 from bertjax.data.prefetch import Prefetch
-from bertjax.errors import UserError, first_line
+from bertjax.errors import UserError, WriteFailed, first_line
 from bertjax.evaluate import Evaluator
+from bertjax.loop_state import LoopState, RunRecord, Stats
 from bertjax.metrics import is_better
 from bertjax.models import hf_weights
 from bertjax.models.config import from_hf_config, resolve_attention, resolve_attention_dropout, resolve_dtypes
 from bertjax.models.heads import SequenceClassifier
-from bertjax.step import CompiledByShape, TrainState, auto_accumulation, class_weight_vector, make_train_step
+from bertjax.run_log import log
+from bertjax.runs import Runs, SingleRun
+from bertjax.step import (CompiledByShape, TrainState, auto_accumulation, class_weight_vector, make_train_step,
+                          new_train_state)
 from bertjax.stop_signal import StopSignal
+
+
+def due(step: int, every: int) -> bool:
+  """Whether an action done every `every` steps (0: never) is due after `step` steps."""
+  return every > 0 and step % every == 0
+
+
+# ----- one run, built from its config ----------------------------------------------------------
 
 
 def grad_accum_setting(train_cfg) -> int | str:
@@ -75,44 +93,8 @@ def build_data(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path
   return mesh, folder, tokenizer, data, accum
 
 
-class WriteFailed(Exception):
-  """The workdir could not be written (disk full, permissions): reported in one line, exit code 1."""
-
-
-def log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, file=sys.stderr, flush=True)
-
-
-@dataclasses.dataclass
-class Member:
-  """One run's own outputs and bookkeeping inside the training loop: a single run has one member,
-  a trial group (bertjax.trial_group) one per trial."""
-  run: "Trainer"  # its config, workdir and optimizer
-  index: int
-  label: str = ""  # prefix of its log lines
-  checkpoints: ckpt_lib.Checkpoints | None = None
-  runlog: run_log.RunLog | None = None
-  best: dict | None = None
-  evals_since_best: int = 0
-  last_eval: dict | None = None
-  skipped_steps: int = 0
-  stopped_by: str | None = None  # set when it stops before the others (early stopping, non-finite loss)
-  end_step: int | None = None
-  error: str | None = None  # why it failed (the error a single run would raise); no summary.json then
-
-  def meta(self) -> dict:
-    return {"best": self.best, "evals_since_best": self.evals_since_best, "last_eval": self.last_eval,
-            "skipped_steps": self.skipped_steps, "stopped_by": self.stopped_by, "end_step": self.end_step,
-            "error": self.error}
-
-  def load_meta(self, meta: dict) -> None:
-    for key, value in meta.items():
-      setattr(self, key, value)
-
-
 class Trainer:
-  """Owns the run's objects; `run()` trains to the end (or a stop) and returns the summary.
+  """One run's parts, built and checked from its config: data, model, optimizer, step count. `run()` trains it.
 
   `like`: another Trainer (same data and model, e.g. the first trial of a group) whose data, mesh
   and tokenizer are shared instead of built again; `cache_dir`: the tokenization cache folder
@@ -132,13 +114,10 @@ class Trainer:
     config = self.config = copy.deepcopy(config)  # resolved keys below are written here, not in the caller's
     self.workdir = Path(workdir)
     self.is_primary = jax.process_index() == 0
-    t0 = time.perf_counter()
     self.wall_start = time.time()
     tc = config.train
     self.dtype, self.matmul_dtype = resolve_dtypes(config.model)
     self.deterministic = cli_setup.deterministic_ops(tc.deterministic, jax.default_backend())
-    if config.data.task not in ("classification", "regression"):
-      raise UserError(f"data.task must be classification or regression, got {config.data.task!r}")
     check_values(config)
     if not config.data.num_shards:  # one shard per process, recorded so a resume reads the same shards
       config.data.num_shards = jax.process_count()
@@ -187,8 +166,6 @@ class Trainer:
       raise UserError(f"train.num_epochs={tc.num_epochs} gives no training step")
     self.opt_plan = optim.plan_optimizer(config.optimizer, self.total_steps, tc.global_batch_size)
     self.tx, self.schedule = optim.build_optimizer(self.opt_plan, self.opt_plan.hparams, self.loaded.params)
-    self.effective_lr = self.opt_plan.hparams["learning_rate"]
-    self.setup_seconds = time.perf_counter() - t0
 
   def _resolve_attention(self, checkpoint_cfg) -> None:
     """model.attention_dropout (-1: the checkpoint's) and the attention implementations for this checkpoint."""
@@ -197,82 +174,40 @@ class Trainer:
     self.attention = resolve_attention(model.attention, checkpoint_cfg.replace(
         dtype=self.dtype, attention_dropout=self.attention_dropout))
 
-  # ----- state (a trial group overrides these) ----------------------------------------------
-
-  def abstract_state(self):
-    """The single-run train state's shapes, dtypes and shardings (without building it)."""
-    abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                                   opt_state=self.tx.init(p), rng=jax.random.PRNGKey(0)),
-                              self.loaded.params)
+  def abstract_state(self) -> TrainState:
+    """The run's train state as shapes, dtypes and shardings (nothing computed or allocated)."""
+    abstract = jax.eval_shape(self._new_state, self.loaded.params)
     shardings = sharding.state_shardings(abstract, self.mesh)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
-  def _init_state(self):
-    abstract = self.abstract_state()
-    shardings = self.state_shardings = self.member_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  def init_state(self) -> TrainState:
+    """The run's first train state, built on the devices in its shardings."""
+    shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state())
     params = jax.device_put(self.loaded.params, shardings.params)
-    init = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p),
-                                        rng=jax.random.PRNGKey(self.config.train.seed)),
-                   in_shardings=(shardings.params,), out_shardings=shardings)
-    return init(params), abstract
+    return jax.jit(self._new_state, in_shardings=(shardings.params,), out_shardings=shardings)(params)
 
-  def _members(self) -> list[Member]:
-    return [Member(self, 0)]
+  def _new_state(self, params) -> TrainState:
+    return new_train_state(params, self.tx, self.config.train.seed)
 
-  def _resume(self, abstract):
-    """(state, loop meta) from the latest checkpoint, or None for a fresh start."""
-    return self._restore_member(self.members[0], abstract)
-
-  def _restore_member(self, member: Member, abstract):
-    """(state, loop meta with this one member) from the member's latest checkpoint, or None."""
-    latest = member.checkpoints.latest_step()
-    if latest is None:
-      return None
-    state, meta = member.checkpoints.restore(latest, abstract)
-    log(f"{member.label}resumed from {member.run.workdir}/checkpoints/{latest} (epoch {meta['epoch']}, "
-        f"step {meta['step_in_epoch']} of {self.data.train.batcher.steps_in_epoch(meta['epoch'])})"
-        + resume.mesh_note(meta.get("mesh"), dict(self.mesh.shape), self.config.train.global_batch_size))
-    saved = {"best": meta["best"], "evals_since_best": meta["evals_since_best"],
-             "last_eval": meta.get("last_eval"), "skipped_steps": meta["stats"].get("skipped_steps", 0)}
-    return state, {"epoch": meta["epoch"], "step_in_epoch": meta["step_in_epoch"], "stats": meta["stats"],
-                   "members": [saved]}
-
-  def _save_shared(self, step: int, state, loop_meta: dict) -> None:
-    """A trial group saves its stacked state here, before the members' checkpoints."""
-
-  def _member_state(self, state, index: int):
-    return state
-
-  def _member_params(self, state, index: int):
-    return state.params
-
-  def _split_metrics(self, metrics: dict) -> list[dict]:
-    return [metrics]
-
-  def _make_step_fn(self):
-    tc = self.config.train
+  def train_step_fn(self):
+    """The run's pure train step, (state, batch) -> (state, metrics)."""
     return make_train_step(self.model, self.tx, self.schedule, self.regression, self.grad_accum_steps,
-                           tc.skip_nonfinite_steps, self.class_weights)
+                           self.config.train.skip_nonfinite_steps, self.class_weights)
 
   def jit_train_step(self, state_shardings):
     """The train step as the loop runs it: jitted with explicit in/out shardings, the state donated."""
-    return jax.jit(self._make_step_fn(), in_shardings=(state_shardings, sharding.batch_sharding(self.mesh)),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+    return step_lib.jit_train_step(self.train_step_fn(), state_shardings, self.mesh)
 
-  stops_members_alone = False  # on a non-finite loss: a single run raises; a trial group stops that trial
-
-  def _summary_extra(self, member: Member) -> dict:
-    return {}
-
-  def _close(self) -> None:
-    """Releases what a subclass opened besides the members' checkpoints and logs."""
-
-  def _write_run_files(self) -> None:
+  def write_run_files(self) -> None:
     """Config, labels and the model folder (HF config + tokenizer) that evaluate/predict/export read."""
-    if self.is_primary:
-      hf = hf_weights.hf_config_for(self.model_cfg, self.loaded.hf_config, self.data.label_names, self.regression)
+    if not self.is_primary:
+      return
+    hf = hf_weights.hf_config_for(self.model_cfg, self.loaded.hf_config, self.data.label_names, self.regression)
+    try:
       workdir_lib.write_run_files(self.workdir, self.config_record(), self.data.task, self.data.label_names, hf,
                                   self.tokenizer)
+    except OSError as e:
+      raise WriteFailed(f"cannot write the run files in {self.workdir}: {e.strerror or e}") from None
 
   def config_record(self) -> dict:
     """config.json: the config, and what optimizer.lr_scaling and grad_accum_steps=auto chose for this batch
@@ -281,7 +216,7 @@ class Trainer:
             "derived": {"optimizer": {k: new for k, (_, new) in self.opt_plan.derived.items()},
                         "grad_accum_steps": self.grad_accum_steps}}
 
-  def _epochs_at(self, step: int) -> float:
+  def epochs_at(self, step: int) -> float:
     """Epochs completed after `step` steps."""
     batcher, epoch = self.data.train.batcher, 0
     while step >= batcher.steps_in_epoch(epoch):
@@ -289,257 +224,276 @@ class Trainer:
       epoch += 1
     return epoch + step / batcher.steps_in_epoch(epoch)
 
-  def _save_member(self, member: Member, step: int, state, loop_meta: dict, eval_scalars: dict | None) -> None:
-    """The member's checkpoint at `step` (a no-op if it has one), in the single-run format."""
-    if member.checkpoints.latest_step() == step:
-      return
-    meta = {"epoch": loop_meta["epoch"], "step_in_epoch": loop_meta["step_in_epoch"], "best": member.best,
-            "last_eval": member.last_eval, "evals_since_best": member.evals_since_best,
-            "stats": {**loop_meta["stats"], "skipped_steps": member.skipped_steps},
-            "label_names": self.data.label_names, "mesh": dict(self.mesh.shape)}
-    metrics = eval_scalars or None
-    try:
-      member.checkpoints.save(step, self._member_state(state, member.index), meta, metrics=metrics)
-    except ckpt_lib.CheckpointError as e:
-      raise WriteFailed(f"saving the checkpoint of step {step} failed ({first_line(e)}); the previous "
-                        f"checkpoint (step {member.checkpoints.latest_step()}) is intact") from None
-
-  # ----- the loop ------------------------------------------------------------------------
-
   def run(self) -> dict:
-    return self.run_members()[0]
-
-  def run_members(self) -> list[dict]:
-    """Trains every member to the end (or a stop); returns their summaries."""
-    tc = self.config.train
-    state, abstract = self._init_state()
-    members = self.members = self._members()
-    for m in members:
-      m.checkpoints = ckpt_lib.Checkpoints(str(m.run.workdir / "checkpoints"), keep_best=True, async_save=True,
-                                           is_primary=self.is_primary, sync_name=f"member{m.index}",
-                                           best_metric=m.run.config.train.best_metric)
-    loop = {"epoch": 0, "step_in_epoch": 0, "stats": {}}
-    resumed = self._resume(abstract)
-    if resumed is not None:
-      state, loop = resumed
-      for m, meta in zip(members, loop.pop("members")):
-        m.load_meta(meta)
-    else:
-      for m in members:
-        try:
-          m.run._write_run_files()
-        except OSError as e:
-          raise WriteFailed(f"cannot write the run files in {m.run.workdir}: {e.strerror or e}") from None
-    step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])  # a group stacks equal steps
-    for m in members:
-      m.runlog = run_log.RunLog(str(m.run.workdir), self.is_primary)
-      m.runlog.truncate_after(step)
-      resume.record_changes(m.run, m.runlog, step)
-      if tc.early_stopping_patience and m.stopped_by is None and m.evals_since_best >= tc.early_stopping_patience:
-        m.stopped_by = run_summary.early_stop_reason(m.run.config.train.best_metric, m.evals_since_best)
-    for line in self._start_lines(step):
-      log(line)
-
-    batch_sharding = sharding.batch_sharding(self.mesh)
-    train_step = CompiledByShape(self.jit_train_step(self.state_shardings), "train step", log)
-    evaluator = Evaluator(self.eval_model, self.mesh, self.member_shardings.params)
-    progress = run_log.Progress(self.total_steps, is_primary=self.is_primary, every_steps=tc.log_every_steps)
-    stop = StopSignal()
-    stats = {"train_seconds": 0.0, "examples": 0, "tokens": 0, "slots": 0, "wait_seconds": 0.0,
-             "wall_seconds": 0.0, **loop["stats"]}
-    stats.pop("skipped_steps", None)  # per member
-    self.wall_before = stats["wall_seconds"]
-    # Compilations of earlier sessions of this run (a resume compiles again; the summary counts all).
-    self.compiled_before = (stats.pop("num_compilations", 0), stats.pop("compile_seconds", 0.0))
-    epoch, step_in_epoch = loop["epoch"], loop["step_in_epoch"]
-    pending: list[tuple[int, dict]] = []  # device metrics not yet read (read after the next dispatch)
-    window = {"examples": 0, "tokens": 0, "seconds": 0.0}  # since the last train log line
-    signalled = None
-    active = lambda: [m for m in members if m.stopped_by is None]
-
-    def flush(upto_log: bool):
-      """Reads pending step metrics; a non-finite loss stops its member (a single run: with an error)."""
-      nonlocal pending
-      if not pending:
-        return
-      fetched = [self._split_metrics(m) for m in jax.device_get([m for _, m in pending])]
-      for m in active():
-        mine = [f[m.index] for f in fetched]
-        for (s, _), f in zip(pending, mine):
-          m.skipped_steps += int(f["skipped"])
-          if f["skipped"]:
-            log(f"{m.label}step {s}: non-finite loss or gradients ({f['loss']}); update skipped "
-                f"({m.skipped_steps} so far)")
-          elif not np.isfinite(f["loss"]):
-            error = (f"non-finite loss ({f['loss']}) at step {s}; stopped. The last good checkpoint "
-                     f"(step {m.checkpoints.latest_step()}) is kept in {m.run.workdir}/checkpoints")
-            if not self.stops_members_alone:
-              raise UserError(error)
-            m.stopped_by, m.end_step, m.error = f"non-finite loss ({f['loss']}) at step {s}", s, error
-            log(f"{m.label}error: {error}")
-            break
-        if upto_log and m.stopped_by is None:
-          n = sum(float(f["examples"]) for f in mine)
-          m.runlog.write(pending[-1][0], {
-              "loss": sum(float(f["loss"]) * float(f["examples"]) for f in mine) / max(n, 1),
-              "accuracy": sum(float(f["accuracy"]) * float(f["examples"]) for f in mine) / max(n, 1),
-              "learning_rate": float(mine[-1]["learning_rate"]), "grad_norm": float(mine[-1]["grad_norm"]),
-              "examples_per_sec": window["examples"] / max(window["seconds"], 1e-9),
-              "tokens_per_sec": window["tokens"] / max(window["seconds"], 1e-9)}, "train")
-      if upto_log:
-        window.update(examples=0, tokens=0, seconds=0.0)
-        if active():
-          progress.update(pending[-1][0], fetched[-1][active()[0].index]["loss"])
-      pending = []
-
-    def do_eval() -> dict[int, dict]:
-      if self.data.eval is None:
-        return {}
-      out = {}
-      for m in active():
-        result = evaluator.evaluate(self._member_params(state, m.index), self.data.eval.batcher,
-                                    self.data.eval.labels, self.data.task, self.data.label_names)
-        scalars = out[m.index] = run_summary.eval_scalars(result, self.regression)
-        m.runlog.write(step, scalars, "eval")
-        m.last_eval = {"step": step, **scalars}
-        log(f"{m.label}eval @ step {step}: " + "  ".join(
-            f"{k} {v:.4f}" for k, v in scalars.items()
-            if k in ("eval_loss", "accuracy", "macro_f1", "mcc", "pearson", "spearman")))
-        if is_better(scalars, m.best, m.run.config.train.best_metric):
-          m.best = run_summary.best_entry(step, scalars)
-          m.evals_since_best = 0
-        else:
-          m.evals_since_best += 1
-      return out
-
-    def save(evals: dict[int, dict]):
-      if all(m.checkpoints.latest_step() == step for m in active()):
-        return
-      stats["wall_seconds"] = self.wall_before + time.time() - self.wall_start
-      compiled = self._compiled(train_step, evaluator)
-      loop_meta = {"epoch": epoch, "step_in_epoch": step_in_epoch,
-                   "stats": {**stats, "num_compilations": compiled[0], "compile_seconds": compiled[1]}}
-      self._save_shared(step, state, {**loop_meta, "members": [m.meta() for m in members]})
-      for m in active():
-        self._save_member(m, step, state, loop_meta, evals.get(m.index))
-
-    def summarize(done: bool = False):
-      for m in members if done else active():
-        end = m.end_step if m.end_step is not None else step
-        epochs = epoch + step_in_epoch / self.data.train.batcher.steps_in_epoch(epoch) if end == step \
-            else self._epochs_at(end)
-        m.summary = self._write_summary(m, end, epochs, stats, evaluator, train_step, done=done,
-                                        stopped_by=m.stopped_by or (signalled if done else None))
-
-    try:
-      while step < self.total_steps and signalled is None and active():
-        batcher = self.data.train.batcher
-        real_tokens = batcher.global_real_tokens(epoch)
-        plan_sizes = batcher.examples_per_step(epoch).tolist()
-        epoch_len = len(plan_sizes)
-        if step_in_epoch >= epoch_len:  # resumed exactly at an epoch's end
-          epoch, step_in_epoch = epoch + 1, 0
-          continue
-        batches = Prefetch(batcher.iterate(epoch, step_in_epoch), lambda b: sharding.global_batch(b, batch_sharding))
-        t_segment, compile_mark = time.perf_counter(), train_step.compile_seconds
-        try:
-          for batch in batches:
-            state, metrics = train_step(state, batch)
-            stats["examples"] += plan_sizes[step_in_epoch]
-            stats["tokens"] += int(real_tokens[step_in_epoch])
-            window["examples"] += plan_sizes[step_in_epoch]
-            window["tokens"] += int(real_tokens[step_in_epoch])
-            stats["slots"] += batch.shape[0] * batch.length
-            step += 1
-            step_in_epoch += 1
-            epoch_end = step_in_epoch == epoch_len
-            if epoch_end:
-              epoch, step_in_epoch = epoch + 1, 0
-            pending.append((step, metrics))
-            eval_due = (step % tc.eval_every_steps == 0) if tc.eval_every_steps else epoch_end
-            eval_due = eval_due or step == self.total_steps
-            stopping = stop.agreed(step % tc.log_every_steps == 0)
-            boundary = (eval_due or step == self.total_steps or
-                        (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0) or stopping)
-            if step % tc.log_every_steps == 0 or boundary:
-              jax.block_until_ready(metrics)
-              # Compilation is reported apart (compile_seconds), not as slow training.
-              elapsed = time.perf_counter() - t_segment - (train_step.compile_seconds - compile_mark)
-              stats["train_seconds"] += elapsed
-              window["seconds"] += elapsed
-              flush(upto_log=True)
-              t_segment, compile_mark = time.perf_counter(), train_step.compile_seconds
-            if boundary:
-              stats["wait_seconds"] += batches.wait_seconds
-              batches.wait_seconds = 0.0
-              evals = do_eval() if eval_due else {}
-              if evals or step == self.total_steps or stopping or (
-                  tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0):
-                save(evals)
-              if not stopping and stop.agreed(True):  # a signal during the eval or save: stop at this step
-                stopping = True
-                save(evals)  # nothing to do if this step was just saved
-              if evals:
-                summarize()
-              for m in active():
-                if tc.early_stopping_patience and m.evals_since_best >= tc.early_stopping_patience:
-                  m.stopped_by = run_summary.early_stop_reason(m.run.config.train.best_metric, m.evals_since_best)
-                  m.end_step = step
-              if stopping:
-                signalled = f"signal {stop.received or 'to another process'}"
-              t_segment, compile_mark = time.perf_counter(), train_step.compile_seconds
-            if step >= self.total_steps or signalled is not None or not active():
-              break
-          stats["wait_seconds"] += batches.wait_seconds
-        finally:
-          batches.close()
-      flush(upto_log=True)
-      if self.data.eval is not None and any(m.last_eval is None or m.last_eval["step"] != step for m in active()):
-        save(do_eval())
-      for m in members:
-        try:
-          m.checkpoints.wait()
-        except ckpt_lib.CheckpointError as e:
-          raise WriteFailed(f"writing the final checkpoint failed ({first_line(e)}); the previous "
-                            f"checkpoint (step {m.checkpoints.latest_step()}) is intact") from None
-      summarize(done=True)
-    finally:
-      stop.restore()
-      for m in members:
-        m.checkpoints.close()
-        if m.runlog is not None:
-          m.runlog.close()
-      self._close()
-    for m in members:
-      if self.is_primary:
-        plot.plot_metrics(m.run.workdir)
-      log(f"{m.label}done: {m.stopped_by or signalled or 'finished'} at step {m.summary['steps']}; checkpoints in "
-          f"{m.run.workdir}/checkpoints (latest {m.checkpoints.latest_step()}, best {m.checkpoints.best_step()}), "
-          f"TensorBoard logs in {m.run.workdir}/tensorboard, summary in {m.run.workdir}/summary.json")
-    return [m.summary for m in members]
-
-  # ----- reporting -----------------------------------------------------------------------
-
-  def _start_lines(self, step: int) -> list[str]:
-    return run_summary.start_lines(self, step)
-
-  def _compiled(self, train_step, evaluator) -> tuple[int, float]:
-    """(compilations, seconds compiling) of the whole run, earlier sessions included."""
-    return (self.compiled_before[0] + train_step.num_compilations + evaluator.step.num_compilations,
-            self.compiled_before[1] + train_step.compile_seconds + evaluator.step.compile_seconds)
-
-  def _write_summary(self, member: Member, step, epochs_completed, stats, evaluator, train_step, done=False,
-                     stopped_by=None) -> dict:
-    """Writes the member's summary.json (not for a failed member, as a run that raised writes none)."""
-    compiled, peak = self._compiled(train_step, evaluator), matmul_peak.run_peak(self.matmul_dtype)
-    summary = {**run_summary.make_summary(self, member, step, epochs_completed, stats, peak, compiled, done,
-                                          stopped_by), **self._summary_extra(member)}
-    if member.error:
-      summary["error"] = member.error
-    elif self.is_primary:
-      run_log.write_summary(str(member.run.workdir), summary)
+    """Trains to the end (or a stop) and returns the summary; a non-finite loss raises (with its step)."""
+    summary = train(SingleRun(self))[0]
+    if "error" in summary:
+      raise UserError(summary["error"])
     return summary
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return Trainer(config, workdir).run()
+
+
+# ----- the loop ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Window:
+  """The steps since the last train log line: their metrics (on the devices until `_log` reads them) and their
+  examples, tokens and time."""
+  pending: list = dataclasses.field(default_factory=list)  # (step, device metrics)
+  examples: int = 0
+  tokens: int = 0
+  seconds: float = 0.0
+  started: float = 0.0  # time.perf_counter() when its clock last started
+  compile_mark: float = 0.0  # the train step's compile seconds then: compiling is not training
+
+  def restart(self, train_step: CompiledByShape) -> None:
+    self.started, self.compile_mark = time.perf_counter(), train_step.compile_seconds
+
+
+@dataclasses.dataclass
+class Session:
+  """What this process's loop works with while it runs (opened by `_open`, closed at the end; not checkpointed:
+  the LoopState is)."""
+  runs: Runs
+  checkpoints: list[ckpt_lib.Checkpoints]  # one per run
+  logs: list[run_log.RunLog]  # one per run
+  train_step: CompiledByShape
+  evaluator: Evaluator
+  batches: Prefetch
+  progress: run_log.Progress
+  stop: StopSignal
+  peak: matmul_peak.Peak  # what MFU divides by: the vendor's figure, or this machine's cached measurement
+  earlier: Stats  # the stats of the run's earlier sessions, to which this one's wall time and compilations add
+  window: Window
+
+
+def train(runs: Runs) -> list[dict]:
+  """Trains `runs` to the last step, or until a signal (or every run) stops them; returns each run's summary."""
+  lead, tc = runs.lead, runs.lead.config.train
+  s, state, loop = _open(runs)
+  has_eval = lead.data.eval is not None
+  stopping = None
+  try:
+    stopping = _maybe_stop(s, loop, may_exchange=True)  # a resumed run may be over (early stopping)
+    for step in range(loop.step + 1, lead.total_steps + 1):
+      if stopping:
+        break
+      batch = next(s.batches)
+      state, metrics = s.train_step(state, batch)
+      epoch_end = _advance(s, loop, batch)
+      s.window.pending.append((step, metrics))
+      last = step == lead.total_steps
+      evaluate = has_eval and (last or (due(step, tc.eval_every_steps) if tc.eval_every_steps else epoch_end))
+      save = last or evaluate or due(step, tc.checkpoint_every_steps)
+      log_now = save or due(step, tc.log_every_steps)  # a saved step ends a log window: a resume logs the same lines
+      if log_now:
+        _log(s, loop)
+      if evaluate:
+        _eval(s, loop, state)
+      if save:
+        _checkpoint(s, loop, state)
+      if log_now:
+        s.window.restart(s.train_step)  # evaluating and saving are not training
+      stopping = _maybe_stop(s, loop, may_exchange=log_now)  # all processes log the same steps
+    _log(s, loop)  # a stop between two log steps: its last steps are logged and saved (else these do nothing)
+    _checkpoint(s, loop, state)
+    if has_eval and any(loop.runs[k].last_eval is None or loop.runs[k].last_eval["step"] != loop.step
+                        for k in loop.training()):
+      _eval(s, loop, state)  # every summary ends with an eval of the run's last step
+    for checkpoints in s.checkpoints:
+      try:
+        checkpoints.wait()
+      except ckpt_lib.CheckpointError as e:
+        raise WriteFailed(f"writing the final checkpoint failed ({first_line(e)}); the previous "
+                          f"checkpoint (step {checkpoints.latest_step()}) is intact") from None
+    summaries = _summarize(s, loop, done=True, stopping=stopping)
+  finally:
+    _close(s)
+  for run, record, label, checkpoints in zip(runs.trainers, loop.runs, runs.labels, s.checkpoints):
+    if record.error is None:  # a failed run raises (alone) or reports its error in its summary (in a group)
+      if lead.is_primary:
+        plot.plot_metrics(run.workdir)
+      log(f"{label}done: {record.stopped_by or stopping or 'finished'} at step {record.end_step or loop.step}; "
+          f"checkpoints in {run.workdir}/checkpoints (latest {checkpoints.latest_step()}, best "
+          f"{checkpoints.best_step()}), TensorBoard logs in {run.workdir}/tensorboard, summary in "
+          f"{run.workdir}/summary.json")
+  return summaries
+
+
+def _open(runs: Runs) -> tuple[Session, TrainState, LoopState]:
+  """The session, and the state and loop state to start from: a run's latest checkpoint, or fresh (its run
+  files written first)."""
+  lead = runs.lead
+  checkpoints = [ckpt_lib.Checkpoints(str(run.workdir / "checkpoints"), keep_best=True, async_save=True,
+                                      is_primary=lead.is_primary, sync_name=f"run{k}",
+                                      best_metric=run.config.train.best_metric)
+                 for k, run in enumerate(runs.trainers)]
+  state, loop = runs.start(checkpoints)
+  if loop is None:
+    loop = LoopState(runs=[RunRecord() for _ in runs.trainers])
+    for run in runs.trainers:
+      run.write_run_files()
+  loop.mesh = dict(lead.mesh.shape)  # what its checkpoints record from now on
+  logs = [run_log.RunLog(str(run.workdir), lead.is_primary) for run in runs.trainers]
+  for run, runlog in zip(runs.trainers, logs):
+    runlog.truncate_after(loop.step)
+    resume.record_changes(run, runlog, loop.step)
+  for line in runs.start_lines(loop.step):
+    log(line)
+  batcher, batch_sharding = lead.data.train.batcher, sharding.batch_sharding(lead.mesh)
+  batches = Prefetch(batcher.stream(loop.epoch, loop.step_in_epoch, lead.total_steps - loop.step),
+                     lambda b: sharding.global_batch(b, batch_sharding))
+  s = Session(runs, checkpoints, logs, CompiledByShape(runs.jit_train_step(), "train step", log),
+              Evaluator(lead.eval_model, lead.mesh, runs.param_shardings), batches,
+              run_log.Progress(lead.total_steps, is_primary=lead.is_primary,
+                               every_steps=lead.config.train.log_every_steps),
+              StopSignal(), matmul_peak.run_peak(lead.matmul_dtype), dataclasses.replace(loop.stats), Window())
+  s.window.restart(s.train_step)
+  return s, state, loop
+
+
+def _close(s: Session) -> None:
+  s.stop.restore()
+  s.batches.close()
+  for checkpoints, runlog in zip(s.checkpoints, s.logs):
+    checkpoints.close()
+    runlog.close()
+  s.runs.close()
+
+
+def _advance(s: Session, loop: LoopState, batch) -> bool:
+  """Counts the step just dispatched (its examples, real tokens and token slots) and moves the loop's position
+  past it; whether it ended an epoch."""
+  batcher = s.runs.lead.data.train.batcher
+  examples = int(batcher.examples_per_step(loop.epoch)[loop.step_in_epoch])
+  tokens = int(batcher.global_real_tokens(loop.epoch)[loop.step_in_epoch])
+  loop.stats.examples += examples
+  loop.stats.tokens += tokens
+  loop.stats.slots += batch.shape[0] * batch.length
+  s.window.examples += examples
+  s.window.tokens += tokens
+  loop.step, loop.step_in_epoch = loop.step + 1, loop.step_in_epoch + 1
+  if loop.step_in_epoch < batcher.steps_in_epoch(loop.epoch):
+    return False
+  loop.epoch, loop.step_in_epoch = loop.epoch + 1, 0
+  return True
+
+
+def _log(s: Session, loop: LoopState) -> None:
+  """Reads the window's step metrics from the devices (one transfer) and writes each training run's train line
+  and the progress line. A non-finite loss stops its run (with train.skip_nonfinite_steps the step skipped the
+  update instead, and is counted)."""
+  w = s.window
+  if not w.pending:
+    return
+  jax.block_until_ready(w.pending[-1][1])
+  elapsed = time.perf_counter() - w.started - (s.train_step.compile_seconds - w.compile_mark)
+  loop.stats.train_seconds += elapsed
+  w.seconds += elapsed
+  loop.stats.wait_seconds += s.batches.wait_seconds
+  s.batches.wait_seconds = 0.0
+  fetched = [s.runs.split(m) for m in jax.device_get([m for _, m in w.pending])]
+  for k in loop.training():
+    record, label, mine = loop.runs[k], s.runs.labels[k], [f[k] for f in fetched]
+    for (step, _), m in zip(w.pending, mine):
+      record.skipped_steps += int(m["skipped"])
+      if m["skipped"]:
+        log(f"{label}step {step}: non-finite loss or gradients ({m['loss']}); update skipped "
+            f"({record.skipped_steps} so far)")
+      elif not np.isfinite(m["loss"]):
+        record.stopped_by, record.end_step = f"non-finite loss ({m['loss']}) at step {step}", step
+        record.error = (f"{record.stopped_by}; stopped. The last good checkpoint (step "
+                        f"{s.checkpoints[k].latest_step()}) is kept in {s.runs.trainers[k].workdir}/checkpoints")
+        log(f"{label}step {step}: non-finite loss ({m['loss']}); this run stops")
+        break
+    if record.stopped_by is None:
+      n = max(sum(float(m["examples"]) for m in mine), 1)
+      s.logs[k].write(w.pending[-1][0], {
+          "loss": sum(float(m["loss"]) * float(m["examples"]) for m in mine) / n,
+          "accuracy": sum(float(m["accuracy"]) * float(m["examples"]) for m in mine) / n,
+          "learning_rate": float(mine[-1]["learning_rate"]), "grad_norm": float(mine[-1]["grad_norm"]),
+          "examples_per_sec": w.examples / max(w.seconds, 1e-9),
+          "tokens_per_sec": w.tokens / max(w.seconds, 1e-9)}, "train")
+  if loop.training():
+    s.progress.update(w.pending[-1][0], fetched[-1][loop.training()[0]]["loss"])
+  w.pending, w.examples, w.tokens, w.seconds = [], 0, 0, 0.0
+
+
+def _eval(s: Session, loop: LoopState, state: TrainState) -> None:
+  """Evaluates each training run: its eval line, best eval (by train.best_metric) and count of evals since, and
+  its summary.json."""
+  data = s.runs.lead.data
+  for k in loop.training():
+    record = loop.runs[k]
+    result = s.evaluator.evaluate(s.runs.params(state, k), data.eval.batcher, data.eval.labels, data.task,
+                                  data.label_names)
+    scalars = run_summary.eval_scalars(result, s.runs.lead.regression)
+    s.logs[k].write(loop.step, scalars, "eval")
+    record.last_eval = {"step": loop.step, **scalars}
+    log(f"{s.runs.labels[k]}eval @ step {loop.step}: " + "  ".join(
+        f"{key} {v:.4f}" for key, v in scalars.items()
+        if key in ("eval_loss", "accuracy", "macro_f1", "mcc", "pearson", "spearman")))
+    if is_better(scalars, record.best, s.runs.trainers[k].config.train.best_metric):
+      record.best, record.evals_since_best = run_summary.best_entry(loop.step, scalars), 0
+    else:
+      record.evals_since_best += 1
+  _summarize(s, loop, done=False)
+
+
+def _checkpoint(s: Session, loop: LoopState, state: TrainState) -> None:
+  """Starts saving the checkpoint of this step of each training run that has none (ranked by its eval when it was
+  just evaluated); a trial group first saves its stacked state."""
+  which = [k for k in loop.training() if s.checkpoints[k].latest_step() != loop.step]
+  if which:
+    _clock(s, loop)
+    s.runs.save(state, loop, s.checkpoints, which)
+
+
+def _maybe_stop(s: Session, loop: LoopState, may_exchange: bool) -> str | None:
+  """Why the loop stops after this step, or None. Early stopping ends each run whose train.best_metric has not
+  improved for train.early_stopping_patience evals. A SIGTERM/SIGINT stops the loop; several processes must stop at the
+  same step (saving is collective), so they exchange their signals only where every one passes
+  `may_exchange=True` (log steps, which they all reach together). With no run left, the loop stops too."""
+  patience = s.runs.lead.config.train.early_stopping_patience
+  for k in loop.training():
+    record = loop.runs[k]
+    if patience and record.evals_since_best >= patience:
+      record.stopped_by = run_summary.early_stop_reason(s.runs.trainers[k].config.train.best_metric,
+                                                        record.evals_since_best)
+      record.end_step = loop.step
+  if s.stop.agreed(may_exchange):
+    return f"signal {s.stop.received or 'to another process'}"
+  return None if loop.training() else "every run stopped"
+
+
+def _clock(s: Session, loop: LoopState) -> None:
+  """The stats' wall time and compilations: the earlier sessions' and this one's."""
+  compiled = (s.train_step, s.evaluator.step)
+  loop.stats.wall_seconds = s.earlier.wall_seconds + time.time() - s.runs.lead.wall_start
+  loop.stats.num_compilations = s.earlier.num_compilations + sum(c.num_compilations for c in compiled)
+  loop.stats.compile_seconds = s.earlier.compile_seconds + sum(c.compile_seconds for c in compiled)
+
+
+def _summarize(s: Session, loop: LoopState, done: bool, stopping: str | None = None) -> list[dict]:
+  """Each run's summary (while training, of the runs still training), written to its summary.json unless the
+  run failed, as a run alone that raises writes none."""
+  _clock(s, loop)
+  lead = s.runs.lead
+  out = []
+  for k, (run, record) in enumerate(zip(s.runs.trainers, loop.runs)):
+    if record.stopped_by and not done:
+      continue
+    end = loop.step if record.end_step is None else record.end_step
+    summary = {**run_summary.make_summary(lead, run, record, end, loop.stats, s.peak, done,
+                                          record.stopped_by or (stopping if done else None)),
+               **s.runs.summary_extra(k)}
+    if record.error:
+      summary["error"] = record.error
+    elif lead.is_primary:
+      run_log.write_summary(str(run.workdir), summary)
+    out.append(summary)
+  return out

@@ -1,11 +1,11 @@
 """A training workdir's run files (config, labels, model folder) and reading a finished (or running) run back."""
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from bertjax import checkpoint as ckpt_lib
@@ -13,8 +13,8 @@ from bertjax import optim
 from bertjax.errors import UserError
 from bertjax.models.config import (EncoderConfig, from_hf_config, resolve_attention, resolve_dtype,
                                    resolve_matmul_dtype)
-from bertjax.models.heads import SequenceClassifier
-from bertjax.step import TrainState
+from bertjax.models.heads import random_params
+from bertjax.step import new_train_state
 
 
 @dataclasses.dataclass
@@ -62,15 +62,6 @@ def pick_step(checkpoints: ckpt_lib.Checkpoints, which: str) -> int:
   return int(which)
 
 
-def _abstract_params(model_cfg: EncoderConfig) -> dict:
-  """The params' shapes and dtypes, traced without computing (or compiling) an initialisation."""
-  model = SequenceClassifier(model_cfg)
-  ones = jnp.ones((1, 4), jnp.int32)
-  variables = jax.eval_shape(lambda k: model.init(k, ones, 0 * ones, ones, 0 * ones, jnp.zeros((1, 1), jnp.int32)),
-                             jax.random.key(0))
-  return dict(variables["params"])
-
-
 def load_run(workdir: str | Path, which: str = "best", dtype: str | None = None) -> Run:
   """Restores a run's params (on the default device) with what is needed to use them."""
   workdir = Path(workdir)
@@ -82,10 +73,11 @@ def load_run(workdir: str | Path, which: str = "best", dtype: str | None = None)
   model_cfg = model_cfg.replace(dtype=dtype, matmul_dtype=resolve_matmul_dtype(config.model.get("matmul_dtype", "auto"),
                                                                                dtype))
   model_cfg = model_cfg.replace(attention=resolve_attention("auto", model_cfg).eval)  # forward passes only
-  params = _abstract_params(model_cfg)
-  tx, _, _ = optim.make_optimizer(config.optimizer, params, 1000, config.train.global_batch_size)
-  abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                                                 rng=jax.random.PRNGKey(0)), params)
+  params = jax.eval_shape(functools.partial(random_params, model_cfg), jax.random.key(0))
+  # What a restore needs of the optimizer is its state's structure, which no step count or rate changes.
+  plan = optim.plan_optimizer(config.optimizer, total_steps=1, global_batch_size=config.train.global_batch_size)
+  abstract = jax.eval_shape(functools.partial(new_train_state, tx=optim.build_optimizer(plan, plan.hparams, params)[0],
+                                              seed=0), params)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
   checkpoints = ckpt_lib.Checkpoints(str(workdir / "checkpoints"), async_save=False, is_primary=False,

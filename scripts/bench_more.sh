@@ -2,7 +2,7 @@
 # Issue-4 benchmarks beyond MiniLM on SST-2: the same side-by-side bench (bertjax vs Hugging Face PyTorch)
 # for a BERT-base-sized random model (12 layers, hidden 768, MiniLM's WordPiece vocabulary) on SST-2, and for
 # MiniLM on sentence pairs (SNLI validation as training data). Writes runs/bench/{bert_base_sst2,minilm_snli}.json
-# and copies them to docs/{bert_base_sst2,minilm_snli}_YYYYMMDD_HHMM.json (UTC start time), so no run overwrites
+# and copies them to docs/bench/{bert_base_sst2,minilm_snli}_YYYYMMDD_HHMM.json (UTC start time), so no run overwrites
 # an earlier one; each JSON records the machine and bertjax's dtypes.
 # About 15 minutes on 2 CPU cores. Extra arguments go to both benches.
 set -euo pipefail
@@ -34,6 +34,6 @@ fi
   --config.data.train="$data/snli/validation.tsv" --config.data.eval="$data/snli/validation.tsv" \
   "--config.data.text_fields=('premise','hypothesis')" --steps 40 --warmup 5 --repeats 2 "$@"
 for name in bert_base_sst2 minilm_snli; do
-  cp "$out/$name.json" "docs/${name}_$stamp.json"
-  echo "wrote docs/${name}_$stamp.json"
+  cp "$out/$name.json" "docs/bench/${name}_$stamp.json"
+  echo "wrote docs/bench/${name}_$stamp.json"
 done

@@ -1,5 +1,5 @@
 """The large-batch study behind optimizer.lr_scaling=auto: writes the table in docs/large_batch.md and
-docs/large_batch.json.
+docs/bench/large_batch.json.
 
   python scripts/large_batch_study.py [--cells NAME,...] [--seeds 3] [--root runs/large_batch_study] [--dry]
 
@@ -144,7 +144,7 @@ def main() -> int:
       for seed in range(args.seeds):
         run(root, c, seed, args.python)
   rows, text = table(root, CELLS, args.seeds)
-  (REPO / "docs" / "large_batch.json").write_text(json.dumps(rows, indent=2) + "\n")
+  (REPO / "docs" / "bench" / "large_batch.json").write_text(json.dumps(rows, indent=2) + "\n")
   doc = REPO / "docs" / "large_batch.md"
   begin, end = "<!-- study table: written by scripts/large_batch_study.py -->", "<!-- end of study table -->"
   if doc.exists() and begin in doc.read_text() and end in doc.read_text():

@@ -50,6 +50,7 @@ MODERNBERT = dict(family="modernbert", architecture="modernbert", type_vocab_siz
                   rope_thetas=(1e4, 1.6e5), head="dense_norm", head_act="gelu", head_bias=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_batch", [packed_batch, unpacked_batch])
 @pytest.mark.parametrize("family", ["bert", "modernbert"])
 def test_xla_attention_equals_einsum(make_batch, family):

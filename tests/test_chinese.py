@@ -71,6 +71,7 @@ def test_chinese_titles_tokenize_per_character(thucnews):
   assert pieces == ["[CLS]", "同", "步", "a", "股", "首", "秀", "：", "港", "股", "缩", "量", "回", "调", "[SEP]"]
 
 
+@pytest.mark.slow
 def test_chinese_news_topics_train_evaluate_predict(thucnews, tmp_path):
   root, model = thucnews
   workdir = tmp_path / "run"

@@ -202,6 +202,7 @@ def trained(text_models):
   return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINING)
 def test_training_lowers_the_loss_and_the_export_loads_in_pytorch(text_models, trained, name):
   root, _, texts = text_models
@@ -222,6 +223,7 @@ def test_training_lowers_the_loss_and_the_export_loads_in_pytorch(text_models, t
   assert np.abs(ours[:, 0] - ours[:, 1]).max() > 0.1  # a trained head, not an untouched one
 
 
+@pytest.mark.slow
 def test_ensemble_across_families(text_models, trained):
   """A DeBERTa and a ModernBERT run, each tokenizing with its own tokenizer, vote as one ensemble."""
   root, _, _ = text_models
@@ -245,7 +247,7 @@ def test_fsdp_and_data_sharding_match_one_device():
       from test_step import tiny_cfg, random_tokens
       from bertjax import config_base, models, optim, sharding
       from bertjax.data.batching import Batcher
-      from bertjax.step import TrainState, make_train_step
+      from bertjax.step import make_train_step, new_train_state
       assert jax.device_count() == 8
       tokens, labels = random_tokens(96, seed=3)
       common = dict(hidden_size=128, intermediate_size=256, hidden_dropout=0.1, attention_dropout=0.1,
@@ -259,10 +261,10 @@ def test_fsdp_and_data_sharding_match_one_device():
       for cfg in cfgs:
         model = models.SequenceClassifier(cfg)
         params = models.init_params(cfg)
-        tx, schedule, _ = optim.make_optimizer(config_base.base_config().optimizer, params, 10, 32)
+        plan = optim.plan_optimizer(config_base.base_config().optimizer, 10, 32)
+        tx, schedule = optim.build_optimizer(plan, plan.hparams, params)
         def run(mesh):
-          state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                             rng=jax.random.PRNGKey(0))
+          state = new_train_state(params, tx, seed=0)
           shard = sharding.state_shardings(jax.eval_shape(lambda s: s, state), mesh)
           split = [p for p in jax.tree.leaves(shard.params) if p.spec != jax.sharding.PartitionSpec()]
           state = jax.device_put(state, shard)

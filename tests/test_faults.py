@@ -20,6 +20,7 @@ def setup(tmp_path_factory):
   return demo_setup(tmp_path_factory.mktemp("faults"), 512, 100, seed=1)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_current_step_and_resumes(setup):
   root, data, model = setup
   workdir = root / "term"
@@ -70,6 +71,7 @@ def test_skip_nonfinite_steps_counts_and_continues(setup, monkeypatch):
   assert np.isfinite(summary["final"]["eval_loss"])
 
 
+@pytest.mark.slow
 def test_checkpoint_write_failure_is_reported_and_previous_kept(setup):
   root, data, model = setup
   workdir = root / "full"
@@ -81,7 +83,8 @@ def test_checkpoint_write_failure_is_reported_and_previous_kept(setup):
       "import signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
       "from bertjax import train; sys.argv = sys.argv[:1] + sys.argv[2:]; train.run()")
   cmd = [sys.executable, "-c", script, "x", f"--config={REPO}/configs/demo.py:tiny,data_dir={data}",
-         f"--workdir={workdir}", f"--config.model.name_or_path={model}", "--config.train.max_steps=8"]
+         f"--workdir={workdir}", f"--config.model.name_or_path={model}", "--config.train.max_steps=8",
+         "--config.train.allow_changed_config=True"]  # a longer run: another schedule
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
   assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
@@ -118,6 +121,7 @@ def test_regression_on_stsb_pairs(setup, tmp_path):
   assert json.loads((tmp_path / "w" / "labels.json").read_text())["label_names"] is None
 
 
+@pytest.mark.slow
 def test_bfloat16_training_runs_and_learns(setup):
   root, data, model = setup
   config = demo_config(data, model, **{"model.dtype": "bfloat16"})

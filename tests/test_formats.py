@@ -136,6 +136,7 @@ def _train_cli(tmp_path, *overrides):
   return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source,match", [
     ("empty.parquet", r"empty.parquet: no data rows"),
     ("ints.parquet", r"column 'sentence' holds int64"),

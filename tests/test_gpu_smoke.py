@@ -1,7 +1,9 @@
 """scripts/gpu_smoke.sh: the dry path on the CPU, and the refusal when jax sees no GPU."""
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ def test_dry_path_trains_reports_and_compares_attention(tmp_path):
   out = tmp_path / "smoke"
   proc = subprocess.run(["bash", str(REPO / "scripts/gpu_smoke.sh"), "--cpu", "--steps", "4", "--ab_steps", "2",
                          "--batch", "32", "--examples", "600", "--out", str(out)],
-                        cwd=REPO, capture_output=True, text=True, timeout=600)
+                        cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "PYTHON": sys.executable})
   assert proc.returncode == 0, proc.stderr[-2000:]
   report = json.loads((out / "smoke.json").read_text())
   assert report["devices"]["backend"] == "cpu" and report["devices"]["device_count"] >= 1
@@ -31,7 +34,8 @@ def test_dry_path_trains_reports_and_compares_attention(tmp_path):
 
 def test_without_a_gpu_it_exits_1_with_the_reason(tmp_path):
   proc = subprocess.run(["bash", str(REPO / "scripts/gpu_smoke.sh"), "--out", str(tmp_path / "smoke")],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+                        cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "PYTHON": sys.executable})  # also where REPO has no .venv
   assert proc.returncode == 1
   assert "jax sees no GPU" in proc.stderr and "[cuda12]" in proc.stderr
   assert not (tmp_path / "smoke" / "main").exists()  # nothing trained

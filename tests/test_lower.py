@@ -102,6 +102,7 @@ def test_cudnn_attention_lowers_for_cuda(setup, monkeypatch):
   assert not (setup[0] / "w").exists()
 
 
+@pytest.mark.slow
 def test_lower_only_cli_writes_nothing(setup, tmp_path):
   _, data, model = setup
   workdir = tmp_path / "run"

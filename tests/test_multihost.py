@@ -17,6 +17,8 @@ from bertjax.workdir import load_run
 from conftest import demo_setup
 from test_train import REPO
 
+pytestmark = pytest.mark.slow  # every test here starts several processes
+
 # float32 products: with bfloat16 operands (matmul_dtype=auto on a CPU with bf16 dot instructions) a sharded
 # gradient's different summation order can flip an operand's bf16 rounding (4e-6 in a few weights after 12 steps).
 OVERRIDES = ("--config.train.max_steps=12", "--config.train.eval_every_steps=6", "--config.train.log_every_steps=1",

@@ -23,6 +23,12 @@ def make_cfg(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(cfg)
 
 
+def make_optimizer(cfg, params, total_steps: int, global_batch_size: int):
+  """(chain, schedule, peak learning rate) as the trainer builds them."""
+  plan = optim.plan_optimizer(cfg, total_steps, global_batch_size)
+  return (*optim.build_optimizer(plan, plan.hparams, params), plan.hparams["learning_rate"])
+
+
 def toy_params(seed: int = 0) -> dict:
   """Two-layer encoder tree shaped like the real one, with random values."""
   rng = np.random.default_rng(seed)
@@ -64,7 +70,7 @@ DECAYED = {
 
 
 def one_update(cfg, params, grads):
-  tx, _, _ = optim.make_optimizer(cfg, params, total_steps=10, global_batch_size=32)
+  tx, _, _ = make_optimizer(cfg, params, total_steps=10, global_batch_size=32)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   return updates
 
@@ -113,7 +119,7 @@ def test_layerwise_decay_scales_each_layers_step():
 
 def test_layerwise_decay_needs_encoder_layers():
   with pytest.raises(UserError, match="encoder"):
-    optim.make_optimizer(make_cfg(layerwise_lr_decay=0.9), {"head": {"kernel": jnp.ones(2)}},
+    make_optimizer(make_cfg(layerwise_lr_decay=0.9), {"head": {"kernel": jnp.ones(2)}},
                          total_steps=10, global_batch_size=32)
 
 
@@ -131,14 +137,14 @@ SCHEDULE_POINTS = {
 @pytest.mark.parametrize("kind", optim.SCHEDULES)
 def test_schedule_values(kind):
   cfg = make_cfg(schedule=kind, learning_rate=1.0, warmup_fraction=0.2)
-  _, schedule_fn, _ = optim.make_optimizer(cfg, toy_params(), total_steps=100,
+  _, schedule_fn, _ = make_optimizer(cfg, toy_params(), total_steps=100,
                                            global_batch_size=32)
   for step, want in SCHEDULE_POINTS[kind].items():
     assert float(schedule_fn(step)) == pytest.approx(want, abs=1e-6), f"{kind} at step {step}"
 
 
 def test_no_warmup_starts_at_peak():
-  _, schedule_fn, _ = optim.make_optimizer(make_cfg(schedule="linear", learning_rate=2.0),
+  _, schedule_fn, _ = make_optimizer(make_cfg(schedule="linear", learning_rate=2.0),
                                            toy_params(), total_steps=10, global_batch_size=32)
   assert float(schedule_fn(0)) == pytest.approx(2.0)
   assert float(schedule_fn(5)) == pytest.approx(1.0)
@@ -147,7 +153,7 @@ def test_no_warmup_starts_at_peak():
 @pytest.mark.parametrize("scaling,want", [("none", 1e-3), ("linear", 4e-3), ("sqrt", 2e-3)])
 def test_lr_scaling(scaling, want):
   cfg = make_cfg(learning_rate=1e-3, lr_scaling=scaling, base_batch_size=32)
-  _, schedule_fn, lr = optim.make_optimizer(cfg, toy_params(), total_steps=10,
+  _, schedule_fn, lr = make_optimizer(cfg, toy_params(), total_steps=10,
                                             global_batch_size=128)
   assert lr == pytest.approx(want)
   assert float(schedule_fn(3)) == pytest.approx(want)
@@ -159,14 +165,14 @@ def test_unknown_names_list_valid_ones(key, value):
   valid = {"name": optim.OPTIMIZERS, "schedule": optim.SCHEDULES,
            "lr_scaling": optim.LR_SCALINGS}[key]
   with pytest.raises(UserError, match=", ".join(valid)):
-    optim.make_optimizer(make_cfg(**{key: value}), toy_params(), 10, 32)
+    make_optimizer(make_cfg(**{key: value}), toy_params(), 10, 32)
 
 
 @pytest.mark.parametrize("key,value", [("learning_rate", 0.0), ("warmup_fraction", 1.5),
                                        ("layerwise_lr_decay", 0.0), ("clip_norm", -1.0)])
 def test_bad_numbers_raise(key, value):
   with pytest.raises(UserError, match=key):
-    optim.make_optimizer(make_cfg(**{key: value}), toy_params(), 10, 32)
+    make_optimizer(make_cfg(**{key: value}), toy_params(), 10, 32)
 
 
 def numpy_adamw(params, grads_seq, lr, wd, b1, b2, eps, clip_norm, mults):
@@ -203,7 +209,7 @@ def run_adamw(clip_norm, layer_decay):
                             params) for scale in (5.0, 0.3, 2.0)]
   cfg = make_cfg(learning_rate=0.05, weight_decay=0.1, b1=0.8, b2=0.95, eps=1e-6,
                  clip_norm=clip_norm, layerwise_lr_decay=layer_decay)
-  tx, _, _ = optim.make_optimizer(cfg, params, total_steps=3, global_batch_size=32)
+  tx, _, _ = make_optimizer(cfg, params, total_steps=3, global_batch_size=32)
   state, got = tx.init(params), params
   update = jax.jit(tx.update)
   for grads in grads_seq:
@@ -245,7 +251,7 @@ def test_each_optimizer_reduces_a_quadratic(name):
 
   cfg = make_cfg(name=name, learning_rate=0.05, weight_decay=0.01, schedule="linear",
                  warmup_fraction=0.1, layerwise_lr_decay=0.9, clip_norm=1.0)
-  tx, _, _ = optim.make_optimizer(cfg, params, total_steps=200, global_batch_size=32)
+  tx, _, _ = make_optimizer(cfg, params, total_steps=200, global_batch_size=32)
 
   @jax.jit
   def step(p, state):
@@ -264,8 +270,8 @@ def test_lamb_trust_ratio_scales_the_matrices_and_not_biases_or_layer_norms():
   LayerNorm parameters take AdamW's step, as in the LAMB paper and TF Model Garden."""
   params = toy_params()
   grads = jax.tree.map(lambda p: 0.5 * p + 0.1, params)
-  lamb, _, _ = optim.make_optimizer(make_cfg(name="lamb"), params, total_steps=10, global_batch_size=32)
-  adam, _, _ = optim.make_optimizer(make_cfg(name="adamw"), params, total_steps=10, global_batch_size=32)
+  lamb, _, _ = make_optimizer(make_cfg(name="lamb"), params, total_steps=10, global_batch_size=32)
+  adam, _, _ = make_optimizer(make_cfg(name="adamw"), params, total_steps=10, global_batch_size=32)
   lamb_up, _ = lamb.update(grads, lamb.init(params), params)
   adam_up, _ = adam.update(grads, adam.init(params), params)
   masks = optim.decay_mask(params)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,7 +16,7 @@ from bertjax import config_base, metrics, models, optim, trainer
 from bertjax.data.batching import Batcher
 from bertjax.errors import UserError
 from bertjax.models import hf_weights
-from bertjax.step import TrainState, class_weight_vector, make_train_step
+from bertjax.step import class_weight_vector, make_train_step, new_train_state
 from bertjax.workdir import load_run
 from conftest import demo_setup, minilm_dir, tiny_bert_with_tokenizer
 from test_step import random_tokens, tiny_cfg
@@ -80,6 +79,7 @@ def _expected_stop(evals, metric, patience):
   return None
 
 
+@pytest.mark.slow
 def test_early_stopping_follows_the_best_metric(setup, f1_run):
   """With patience 3 the run ends where the evals of the same run without stopping say macro_f1 stopped
   improving for 3 evals (not where eval loss did)."""
@@ -118,9 +118,9 @@ def test_class_weights_weight_the_loss_as_computed_by_hand():
   cfg = tiny_cfg()
   model = models.SequenceClassifier(cfg)
   params = models.init_params(cfg, seed=0)
-  tx, schedule, _ = optim.make_optimizer(config_base.base_config().optimizer, params, 10, 32)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.PRNGKey(0))
+  plan = optim.plan_optimizer(config_base.base_config().optimizer, 10, 32)
+  tx, schedule = optim.build_optimizer(plan, plan.hparams, params)
+  state = new_train_state(params, tx, seed=0)
   weights = np.array([0.5, 1.0, 3.0], np.float32)
   logits = model.apply({"params": params}, **models.model_inputs(fields))[:12, 0]
   y = fields["labels"][:12, 0].astype(int)
@@ -144,6 +144,7 @@ def test_class_weight_vector():
 # ----- a changed setting on resume -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_changed_learning_rate_is_refused_and_allowed_with_the_flag(setup, tmp_path):
   _, data, model = setup
   constant = {"optimizer.schedule": "constant", "optimizer.warmup_fraction": 0.0, "train.log_every_steps": 2,
@@ -175,6 +176,7 @@ def test_changed_learning_rate_is_refused_and_allowed_with_the_flag(setup, tmp_p
 # ----- model.reinit_head and weights -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_three_label_checkpoint_fine_tunes_on_two_labels_with_a_new_head(setup, tmp_path):
   _, data, _ = setup
   three = tiny_bert_with_tokenizer(tmp_path / "three", num_labels=3, with_head=True)
@@ -254,6 +256,7 @@ def test_packaged_minilm_offline_and_overrides_never_need_it(monkeypatch, tmp_pa
     ({"train.class_weights": "balanced", "data.task": "regression"}, "needs a classification task"),
     ({"model.reinit_head": "yes"}, "model.reinit_head must be auto, true or false, got 'yes'"),
     ({"data.train": ""}, r"data.train is not set: add --config.data.train=PATH"),
+    ({"data.task": "ner"}, r"data.task must be one of classification, regression, got 'ner'"),
 ])
 def test_bad_option_values_are_one_line_before_anything_is_written(setup, tmp_path, overrides, match):
   _, data, model = setup
@@ -297,6 +300,7 @@ def test_default_workdir_names():
   assert default_workdir("/x/configs/bert.py:name=/models/bert zh") == "runs/bert-name=_models_bert_zh"
 
 
+@pytest.mark.slow
 def test_train_without_workdir_uses_and_resumes_the_default(setup, tmp_path):
   _, data, model = setup
   args = [f"--config={REPO}/configs/demo.py:tiny", f"--config.data.train={data}/train.tsv",
@@ -323,6 +327,7 @@ def _devices_cli(devices, workdir, data, model, *args):
   return cmd, env
 
 
+@pytest.mark.slow
 def test_a_four_device_checkpoint_resumes_on_two_devices(setup, tmp_path):
   """Stopped (SIGTERM) on 4 devices, resumed on 2: the same batches from the same data position, and the
   parameters of the uninterrupted 4-device run (up to float summation order)."""

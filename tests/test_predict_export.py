@@ -85,6 +85,7 @@ def test_export_loads_in_torch_and_matches_predict(trained):
   np.testing.assert_allclose(predict_logits(model, examples, batch_size=16)[0], ours, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_plain_checkpoint_with_pairs(trained, tmp_path, monkeypatch):
   root, base, _, _ = trained
   headed = tiny_bert_with_tokenizer(tmp_path / "headed", num_labels=3, seed=1, with_head=True)
@@ -104,6 +105,7 @@ def test_plain_checkpoint_with_pairs(trained, tmp_path, monkeypatch):
     load_model(base)
 
 
+@pytest.mark.slow
 def test_malformed_line_stops_or_is_skipped(trained):
   root, _, workdir, _ = trained
   bad = root / "bad.txt"

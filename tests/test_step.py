@@ -6,16 +6,16 @@ import textwrap
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from bertjax import config_base, models, optim, sharding
+from bertjax import config_base, models, sharding
 from bertjax.data.batching import Batcher
 from bertjax.data.tokenize import Tokenized
 from bertjax.evaluate import Evaluator
-from bertjax.step import TrainState, make_train_step
+from bertjax.step import make_train_step, new_train_state
+from test_optim import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,9 +40,8 @@ def one_step(cfg, batch, accum):
   model = models.SequenceClassifier(cfg)
   params = models.init_params(cfg, seed=0)
   oc = config_base.base_config().optimizer
-  tx, schedule, _ = optim.make_optimizer(oc, params, 10, 32)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.PRNGKey(0))
+  tx, schedule, _ = make_optimizer(oc, params, 10, 32)
+  state = new_train_state(params, tx, seed=0)
   step = jax.jit(make_train_step(model, tx, schedule, regression=False, grad_accum_steps=accum))
   return step(state, batch)
 
@@ -78,6 +77,7 @@ def test_partial_batch_loss_is_mean_over_real_examples():
   np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluator_counts_every_example_and_packing_keeps_logits():
   tokens, labels = random_tokens(37, seed=1)
   cfg = tiny_cfg()
@@ -104,19 +104,19 @@ def test_eight_fake_devices_match_one_device():
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import Mesh
       import sys; sys.path.insert(0, "tests")
+      from test_optim import make_optimizer
       from test_step import tiny_cfg, random_tokens
-      from bertjax import config_base, models, optim, sharding
+      from bertjax import config_base, models, sharding
       from bertjax.data.batching import Batcher
-      from bertjax.step import TrainState, make_train_step
+      from bertjax.step import make_train_step, new_train_state
       assert jax.device_count() == 8
       tokens, labels = random_tokens(64, seed=3)
       cfg = tiny_cfg(hidden_dropout=0.1, attention_dropout=0.1)
       model = models.SequenceClassifier(cfg)
       params = models.init_params(cfg)
-      tx, schedule, _ = optim.make_optimizer(config_base.base_config().optimizer, params, 10, 32)
+      tx, schedule, _ = make_optimizer(config_base.base_config().optimizer, params, 10, 32)
       def run(mesh):
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                           rng=jax.random.PRNGKey(0))
+        state = new_train_state(params, tx, seed=0)
         shard = sharding.state_shardings(jax.eval_shape(lambda s: s, state), mesh)
         state = jax.device_put(state, shard)
         bs = sharding.batch_sharding(mesh)

@@ -85,6 +85,7 @@ def grid_run(setup, fast_trials):
   return workdir, first_rows, before, result
 
 
+@pytest.mark.slow
 def test_grid_writes_trials_and_ranked_results(grid_run):
   workdir, _, _, result = grid_run
   names = sorted(p.name for p in (workdir / "trials").iterdir())
@@ -118,6 +119,7 @@ def test_grid_writes_trials_and_ranked_results(grid_run):
   assert [l.split()[1] for l in table_lines[1:5]] == [r["name"] for r in rows]
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_repeating(grid_run):
   workdir, first_rows, before, result = grid_run
   assert {r["name"]: r["status"] for r in first_rows} == {
@@ -132,6 +134,7 @@ def test_interrupted_sweep_resumes_without_repeating(grid_run):
   assert len(steps) == len(set(steps)) and ("eval", 4) in steps
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_sweep_repeats_nothing(grid_run, setup):
   workdir = grid_run[0]
   files = {p: p.stat().st_mtime_ns for p in (workdir / "trials").rglob("*") if p.is_file()}

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from bertjax import resume, trainer
+from bertjax import resume, run_summary, trainer
 from bertjax.errors import UserError
 from bertjax.workdir import load_run
 from conftest import demo_setup, make_hf_classifier
@@ -108,6 +108,7 @@ def straight_runs(setup):
   return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed,every", [(0, 5), (1, 5), (2, 1), (3, 1)])
 def test_resume_after_kill_equals_uninterrupted(setup, straight_runs, seed, every):
   """kill -9 at a seeded random moment (after a random checkpoint, plus a random delay; with a save
@@ -152,6 +153,7 @@ def test_resume_after_kill_equals_uninterrupted(setup, straight_runs, seed, ever
   assert loss(lines) == loss(straight_lines)
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_changes_nothing(finished_run, setup):
   workdir, summary = finished_run
   _, data, model = setup
@@ -171,6 +173,7 @@ def _error_line(result):
   return lines[0]
 
 
+@pytest.mark.slow
 def test_cli_errors_exit_2_and_keep_workdir(finished_run, setup, tmp_path):
   workdir, _ = finished_run
   _, data, model = setup
@@ -240,11 +243,14 @@ def test_num_labels_disagreeing_with_checkpoint_head(setup, tmp_path):
   for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
     (three / name).write_bytes((setup[2] / name).read_bytes())
   # The tiny classifier's vocabulary is 120 ids; the data is tokenized with the MiniLM vocab, so only
-  # the head check matters here and must fire before anything runs.
+  # the head check matters here and must fire before anything runs (model.reinit_head=auto, the default,
+  # replaces the head instead: test_options).
   with pytest.raises(UserError, match="has 3 labels but num_labels=2"):
-    trainer.Trainer(demo_config(data, three), str(tmp_path / "w"))
+    trainer.Trainer(demo_config(data, three, **{"model.reinit_head": False}), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(setup, tmp_path):
   _, data, model = setup
   config = demo_config(data, model, **{"optimizer.learning_rate": 1e30, "optimizer.clip_norm": 0.0,
@@ -361,6 +367,7 @@ def test_auto_accumulation_splits_cpu_steps_into_cache_sized_micro_batches():
   assert auto_accumulation(168, 82, 384, "gpu") == auto_accumulation(168, 82, 384, "tpu") == 1
 
 
+@pytest.mark.slow
 def test_auto_accumulation_trains_what_the_same_explicit_setting_trains(setup, tmp_path, monkeypatch):
   """grad_accum_steps=auto resolves to a number (more than 1 here: the budget is lowered so the tiny model
   splits its steps), says so at start, and trains exactly what that explicit number trains (float32 products)."""
@@ -373,7 +380,7 @@ def test_auto_accumulation_trains_what_the_same_explicit_setting_trains(setup, t
   chosen = auto.grad_accum_steps
   assert chosen == step.auto_accumulation(rows, auto.data.train.batcher.row_length, 32, "cpu") > 1
   assert rows % chosen == 0 and rows // chosen * auto.data.train.batcher.row_length <= 200
-  assert f"{chosen} accumulated micro-batches of {rows // chosen} rows per device (auto)" in auto._start_lines(0)[2]
+  assert f"{chosen} accumulated micro-batches of {rows // chosen} rows per device (auto)" in run_summary.start_lines(auto, 0)[2]
   auto.run()
   for name, accum in (("same", chosen), ("one", 1)):
     trainer.Trainer(demo_config(data, model, **common, **{"train.grad_accum_steps": accum}),

@@ -17,7 +17,7 @@ from bertjax import demo_data, optim, trainer, trial_group
 from bertjax.errors import UserError
 from bertjax.workdir import load_run
 from conftest import tiny_bert_with_tokenizer
-from test_optim import make_cfg, toy_params
+from test_optim import make_cfg, make_optimizer, toy_params
 from test_train import REPO, demo_config
 
 # float32 products: with bfloat16 operands (matmul_dtype=auto on a CPU with bf16 dot instructions) the vmapped
@@ -79,6 +79,7 @@ def assert_same_run(a, b, exact: bool):
   assert sa["best"]["step"] == sb["best"]["step"] and sa["finished"] == sb["finished"]
 
 
+@pytest.mark.slow
 def test_each_trial_matches_its_single_run(group_run, single_runs):
   (g_summaries, g_dirs), (s_summaries, s_dirs) = group_run, single_runs
   for k, (g, s) in enumerate(zip(g_dirs, s_dirs)):
@@ -121,7 +122,7 @@ def test_group_key_separates_shape_changing_configs(setup):
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
-def test_injected_optimizer_matches_make_optimizer(name):
+def test_injected_optimizer_matches_the_single_run_optimizer(name):
   """One vmapped update of stacked states equals each trial's own optimizer."""
   params = toy_params()
   cfgs = [make_cfg(name=name, learning_rate=1e-2, weight_decay=0.0, clip_norm=0.0, schedule="linear",
@@ -140,7 +141,7 @@ def test_injected_optimizer_matches_make_optimizer(name):
     return optax.apply_updates(p, u), s
 
   group_update = jax.jit(jax.vmap(lambda g, s, p: apply(txs[0], g, s, p), in_axes=(None, 0, 0)))
-  singles = [optim.make_optimizer(c, params, 10, 32)[0] for c in cfgs]
+  singles = [make_optimizer(c, params, 10, 32)[0] for c in cfgs]
   alone = [(params, t.init(params)) for t in singles]
   rng = np.random.default_rng(0)
   for _ in range(5):
@@ -154,6 +155,7 @@ def test_injected_optimizer_matches_make_optimizer(name):
       np.testing.assert_allclose(a[k], b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_killed_group_resumes_to_the_uninterrupted_result(setup, group_run):
   root, data, model = setup
   _, straight = group_run
@@ -185,6 +187,7 @@ def test_killed_group_resumes_to_the_uninterrupted_result(setup, group_run):
   assert [(w / "metrics.jsonl").read_text() for w in workdirs] == before
 
 
+@pytest.mark.slow
 def test_trial_save_cut_short_is_completed_on_resume(setup, group_run, monkeypatch):
   """Killed after the group's checkpoint of a step but before a trial's own: the rerun writes it."""
   root, data, model = setup
@@ -194,23 +197,24 @@ def test_trial_save_cut_short_is_completed_on_resume(setup, group_run, monkeypat
   class Killed(Exception):
     pass
 
-  real = trial_group.TrialGroup._save_member
+  real = trial_group.save_run
 
-  def cut(self, member, step, *args):
-    if step == 15 and member.index == 1:
+  def cut(checkpoints, state, loop):
+    if loop.step == 15 and checkpoints.directory.startswith(workdirs[1]):
       raise Killed()
-    return real(self, member, step, *args)
+    return real(checkpoints, state, loop)
 
-  monkeypatch.setattr(trial_group.TrialGroup, "_save_member", cut)
+  monkeypatch.setattr(trial_group, "save_run", cut)
   with pytest.raises(Killed):
     trial_group.train_group(trial_configs(data, model), workdirs)
-  monkeypatch.setattr(trial_group.TrialGroup, "_save_member", real)
+  monkeypatch.setattr(trial_group, "save_run", real)
   assert load_run(workdirs[0], "latest").step == 15 and load_run(workdirs[1], "latest").step == 10
   trial_group.train_group(trial_configs(data, model), workdirs)
   for a, b in zip(workdirs, straight):
     assert_same_run(a, b, exact=True)
 
 
+@pytest.mark.slow
 def test_group_without_its_group_workdir_goes_on_from_the_trials(setup, group_run, monkeypatch, tmp_path):
   """The group workdir lost (or the trials regrouped): the trials' own checkpoints, all of one step, are stacked."""
   root, data, model = setup
@@ -221,34 +225,40 @@ def test_group_without_its_group_workdir_goes_on_from_the_trials(setup, group_ru
   class Killed(Exception):
     pass
 
-  real = trial_group.TrialGroup._save_member
+  real = trial_group.save_run
 
-  def cut(self, member, step, *args):
-    if step == 25:
+  def cut(checkpoints, state, loop):
+    if loop.step == 25:
       raise Killed()
-    return real(self, member, step, *args)
+    return real(checkpoints, state, loop)
 
-  monkeypatch.setattr(trial_group.TrialGroup, "_save_member", cut)
+  monkeypatch.setattr(trial_group, "save_run", cut)
   with pytest.raises(Killed):
     trial_group.train_group(trial_configs(data, model), workdirs, str(group_dir))
-  monkeypatch.setattr(trial_group.TrialGroup, "_save_member", real)
+  monkeypatch.setattr(trial_group, "save_run", real)
   assert [load_run(w, "latest").step for w in workdirs] == [20, 20, 20]
   trial_group.train_group(trial_configs(data, model), workdirs, str(tmp_path / "second_group"))
   for a, b in zip(workdirs, straight):
     assert_same_run(a, b, exact=True)
 
 
+@pytest.mark.slow
 def test_rerun_with_other_varying_hyperparameters_is_refused(setup, group_run):
   _, data, model = setup
   _, workdirs = group_run
   configs = trial_configs(data, model)
   configs[1].optimizer.weight_decay = 0.01  # now equal in every trial: the stacked state has no slot for it
   before = [(w / "metrics.jsonl").read_text() for w in workdirs]
+  with pytest.raises(UserError, match="this run was trained with optimizer.weight_decay=0.0, not 0.01"):
+    trial_group.TrialGroup(configs, [str(w) for w in workdirs])
+  for c in configs:  # a run alone would now go on with the change; the group still cannot
+    c.train.allow_changed_config = True
   with pytest.raises(UserError, match="this group was started with varying"):
     trial_group.TrialGroup(configs, [str(w) for w in workdirs])
   assert [(w / "metrics.jsonl").read_text() for w in workdirs] == before
 
 
+@pytest.mark.slow
 def test_evaluate_cli_on_a_group_trial(group_run, tmp_path):
   summaries, workdirs = group_run
   out = tmp_path / "eval.json"
@@ -260,6 +270,7 @@ def test_evaluate_cli_on_a_group_trial(group_run, tmp_path):
   assert model["metrics"]["loss"] == pytest.approx(summaries[1]["best"]["eval_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_stops_alone(setup, tmp_path):
   _, data, model = setup
   steps = {"train.max_steps": 12, "train.eval_every_steps": 6, "train.checkpoint_every_steps": 1}

@@ -17,6 +17,7 @@ array, not example by example.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import math
 import threading
 from typing import Any, Iterator
@@ -290,6 +291,14 @@ class Batcher:
       for k in range(stop - step):
         yield Batch(data[k], self.max_per_row)
       step = stop
+
+  def stream(self, epoch: int, start_step: int, steps: int) -> Iterator[Batch]:
+    """`steps` batches of this host from step `start_step` of `epoch` on, running on through the next epochs."""
+    while steps > 0:
+      for batch in itertools.islice(self.iterate(epoch, start_step), steps):
+        yield batch
+        steps -= 1
+      epoch, start_step = epoch + 1, 0
 
   def _materialise(self, plan: Plan, first: int, stop: int, length: int) -> np.ndarray:
     """This host's rows of steps [first, stop), all of row length `length`, as Batch data

@@ -9,7 +9,7 @@ import numpy as np
 
 from bertjax.data import sources
 from bertjax.data.batching import Batcher
-from bertjax.data.tokenize import tokenize_cached
+from bertjax.data.tokenize import check_truncation, tokenize_cached
 from bertjax.errors import UserError
 from bertjax.models.config import EncoderConfig
 
@@ -78,11 +78,7 @@ def load_tokenizer(folder: Path):
 
 
 def text_fields(data_cfg) -> tuple:
-  fields = data_cfg.text_fields
-  fields = tuple(fields) if isinstance(fields, (list, tuple)) else (fields,)
-  if not 1 <= len(fields) <= 2:
-    raise UserError(f"data.text_fields must name one or two columns, got {fields!r}")
-  return fields
+  return sources.check_fields(data_cfg.text_fields)
 
 
 def read(data_cfg, path: str, labelled: bool = True, shard: tuple[int, int] = (0, 1)) -> sources.Examples:
@@ -123,8 +119,7 @@ def build(data_cfg, tokenizer, model_cfg: EncoderConfig, cache_dir: Path | None,
   limit = model_cfg.max_position_embeddings - model_cfg.position_offset
   if data_cfg.max_length > limit:
     raise UserError(f"data.max_length={data_cfg.max_length} exceeds the model's {limit} positions")
-  if data_cfg.truncation not in ("longest_first", "proportional"):
-    raise UserError(f"data.truncation must be longest_first or proportional, got {data_cfg.truncation!r}")
+  check_truncation(data_cfg.truncation)
   if not data_cfg.train:
     raise UserError("data.train is not set: add --config.data.train=PATH (see docs/data.md)")
   num_shards = data_cfg.get("num_shards", 0) or process_count

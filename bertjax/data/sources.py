@@ -21,7 +21,6 @@ from bertjax.data import tables
 from bertjax.errors import UserError
 
 Field = str | int
-TASKS = ("classification", "regression")
 QUOTINGS = ("auto", "none", "csv")
 _DELIMITERS = {".tsv": "\t", ".txt": "\t", ".csv": ","}
 _TFDS_RE = re.compile(r"^tfds:([^:]+):(.+)$")  # the split may be sliced: train[:10%]
@@ -75,10 +74,8 @@ def read_examples(source: str | Path, text_fields: Field | Sequence[Field],
     raise ValueError(f"shard {index} not in [0, {count})")
   if count > 1 and on_bad_row is not None:
     raise ValueError("skipping bad rows would shift the rows of later shards")
-  fields = _check_fields(text_fields)
+  fields = check_fields(text_fields)
   label_field = None if label_field == "" else label_field
-  if task not in TASKS:
-    raise UserError(f"data.task must be one of {', '.join(TASKS)}, got {task!r}")
   if quoting not in QUOTINGS:
     raise UserError(f"quoting must be one of {', '.join(QUOTINGS)}, got {quoting!r}")
   source = str(source)
@@ -164,14 +161,13 @@ def label_names(train_labels: Sequence[Any], given_names: Sequence[str] | None =
 
 
 def encode_labels(examples: Examples, names: Sequence[str], task: str) -> np.ndarray:
-  """int32 class ids (by name, or by id when the file stores ids) or float32 scores."""
+  """int32 class ids (by name, or by id when the file stores ids) or float32 scores (`task`, as `read_examples`
+  checked it)."""
   for i, label in enumerate(examples.labels):
     if label is None:
       raise UserError(f"{examples.where(i)}: missing label ({examples.source} is unlabelled)")
   if task == "regression":
     return np.asarray(examples.labels, dtype=np.float32)
-  if task != "classification":
-    raise UserError(f"data.task must be one of {', '.join(TASKS)}, got {task!r}")
   ids = {str(name): i for i, name in enumerate(names)}
   out = np.empty(len(examples), dtype=np.int32)
   for i, label in enumerate(examples.labels):
@@ -326,7 +322,8 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
 # ----- rows to examples -----------------------------------------------------------------
 
 
-def _check_fields(text_fields: Field | Sequence[Field]) -> tuple[Field, ...]:
+def check_fields(text_fields: Field | Sequence[Field]) -> tuple[Field, ...]:
+  """`data.text_fields` as a tuple of one or two column names or indices."""
   fields = (text_fields,) if isinstance(text_fields, (str, int)) else tuple(text_fields)
   if not 1 <= len(fields) <= 2 or any(f in ("", None) for f in fields):
     raise UserError(f"data.text_fields must be one or two column names or indices, "

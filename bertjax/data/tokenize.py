@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +17,7 @@ import numpy as np
 
 from bertjax.data.sources import Examples
 from bertjax.errors import UserError
+from bertjax.files import atomic_write
 
 TRUNCATIONS = ("longest_first", "proportional")
 _CACHE_VERSION = 1  # bump when the cached arrays change meaning
@@ -108,11 +107,15 @@ def special_template(tokenizer: Any) -> _Template:
       type_a=types[spans[0][1]], type_b=types[spans[1][1]])
 
 
+def check_truncation(truncation: str) -> None:
+  if truncation not in TRUNCATIONS:
+    raise UserError(f"data.truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
+
+
 def truncate_lengths(len_a: np.ndarray, len_b: np.ndarray | None, budget: int,
                      truncation: str) -> tuple[np.ndarray, np.ndarray | None]:
   """How many tokens each text keeps so that the pair fits `budget` (specials excluded)."""
-  if truncation not in TRUNCATIONS:
-    raise UserError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
+  check_truncation(truncation)
   if len_b is None:
     return np.minimum(len_a, budget), None
   total = len_a + len_b
@@ -255,16 +258,9 @@ def tokenize_cached(cache_dir: str | Path | None, tokenizer: Any, examples: Exam
 
 
 def _save(path: Path, tokenized: Tokenized) -> None:
-  # Written to a temporary file and renamed, so a reader never sees half a file.
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, ids=tokenized.flat_ids, type_ids=tokenized.flat_type_ids, lengths=tokenized.lengths,
-               pad_id=np.int32(tokenized.pad_id))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with atomic_write(path, "wb") as f:
+    np.savez(f, ids=tokenized.flat_ids, type_ids=tokenized.flat_type_ids, lengths=tokenized.lengths,
+             pad_id=np.int32(tokenized.pad_id))
 
 
 def _flat(arrays: list[np.ndarray]) -> np.ndarray:

@@ -67,3 +67,10 @@ def model_inputs(batch) -> dict:
   """The model's keyword arguments from a batch dict (labels and masks stay with the loss)."""
   keys = ("input_ids", "token_type_ids", "segment_ids", "position_ids", "cls_index")
   return {k: batch[k] for k in keys}
+
+
+def random_params(cfg: EncoderConfig, key: jax.Array) -> dict:
+  """A classifier's freshly initialised params, from a dummy batch: traceable, so jit it to compute them or
+  `jax.eval_shape` it for their shapes alone."""
+  ones = jnp.ones((1, 4), jnp.int32)
+  return dict(SequenceClassifier(cfg).init(key, ones, 0 * ones, ones, 0 * ones, jnp.zeros((1, 1), jnp.int32))["params"])

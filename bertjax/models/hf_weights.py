@@ -6,6 +6,7 @@ A Hugging Face folder holds `config.json` and `model.safetensors` (or a sharded 
 """
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -17,7 +18,7 @@ import numpy as np
 
 from bertjax.errors import UserError
 from bertjax.models.config import EncoderConfig, from_hf_config
-from bertjax.models.heads import SequenceClassifier
+from bertjax.models.heads import random_params
 
 # Pretraining heads and buffers a fine-tuning checkpoint may carry; dropped with a one-line note.
 _IGNORABLE = re.compile(
@@ -267,12 +268,8 @@ def _get(tree: dict, path: tuple[str, ...]):
 
 
 def init_params(cfg: EncoderConfig, seed: int = 0) -> dict:
-  """Random params (Hugging Face initialisers) for a config, as a plain nested dict."""
-  model = SequenceClassifier(cfg)
-  ones = np.ones((1, 4), np.int32)
-  variables = jax.jit(lambda k: model.init(k, ones, 0 * ones, ones, 0 * ones, np.zeros((1, 1), np.int32)))(
-      jax.random.key(seed))
-  return jax.tree.map(np.asarray, dict(variables["params"]))
+  """Random params (Hugging Face initialisers) for a config, as a plain nested dict of numpy arrays."""
+  return jax.tree.map(np.asarray, jax.jit(functools.partial(random_params, cfg))(jax.random.key(seed)))
 
 
 def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32", seed: int = 0,

@@ -1,7 +1,7 @@
 """Times the attention implementations (`model.attention`) side by side in one process: the MiniLM train
 step and eval forward on packed rows, alternating implementations so load drifts hit all alike.
 
-  python scripts/bench_attention.py [--rows 5,43] [--repeats 5] [--calls 10] [--impls einsum,xla]
+  python -m bertjax.bench.attention [--rows 5,43] [--repeats 5] [--calls 10] [--impls einsum,xla]
 
 Rows of 80 tokens, as SST-2 packed at batch 32 (5 rows) and 256 (43 rows) when this was measured, hold
 examples of SST-2-like lengths (4-66 tokens, mean ~14, at most 16 per row). Both implementations train
@@ -16,14 +16,13 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bertjax import config_base, models, optim
 from bertjax.data.batching import SLOT_FIELDS, TOKEN_FIELDS, Batch
 from bertjax.models.config import resolve_matmul_dtype
 from bertjax.models.layers import cast_kernels
-from bertjax.step import TrainState, make_eval_step, make_train_step
+from bertjax.step import make_eval_step, make_train_step, new_train_state
 
 
 ROW, SLOTS = 80, 16
@@ -72,10 +71,10 @@ def main():
   impls = args.impls.split(",")
   loaded = models.load(config_base.minilm_path(), num_labels=2)
   cfg = loaded.cfg.replace(attention_dropout=0.0, matmul_dtype=resolve_matmul_dtype("auto", "float32"))
-  tx, schedule, _ = optim.make_optimizer(config_base.base_config().optimizer, loaded.params, 1000, 32)
+  plan = optim.plan_optimizer(config_base.base_config().optimizer, total_steps=1000, global_batch_size=32)
+  tx, schedule = optim.build_optimizer(plan, plan.hparams, loaded.params)
   params = jax.device_put(loaded.params)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.PRNGKey(0))
+  state = new_train_state(params, tx, seed=0)
   eval_params = jax.jit(lambda p: cast_kernels(cfg, p))(params)
   result = {"cpu": models.config.cpuinfo_value("model name"), "matmul_dtype": cfg.matmul_dtype,
             "row_length": ROW, "repeats": args.repeats, "calls": args.calls, "ms": {}, "ratios": {}}

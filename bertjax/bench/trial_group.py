@@ -1,7 +1,7 @@
 """Speed of a trial group (K trials as one vmapped step) against the same K trials run one after another.
 
-  python scripts/bench_trial_group.py --model tiny --k 4 --steps 40 --out runs/bench_trial_group_tiny.json
-  python scripts/bench_trial_group.py --model minilm --k 4 --steps 20 --train_rows 2000 \
+  python -m bertjax.bench.trial_group --model tiny --k 4 --steps 40 --out runs/bench_trial_group_tiny.json
+  python -m bertjax.bench.trial_group --model minilm --k 4 --steps 20 --train_rows 2000 \
       --out runs/bench_trial_group_minilm.json
 
 Both modes train the same K configs (learning rates base * 2**(k - 1), train.seed k, data.shuffle_seed 0)
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
 
 

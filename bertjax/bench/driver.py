@@ -4,8 +4,9 @@
       --config.data.train=../shared/data/sst2/train.tsv --config.data.eval=../shared/data/sst2/dev.tsv \
       [--steps 150] [--warmup 10] [--repeats 3] [--profile]
 
-Two worker processes hold the two trainers: bertjax (the trainer's own data pipeline, optimizer,
-sharding and jitted train step from `bertjax.step`) and `bertjax.peer_torch`. They take turns, so
+Two worker processes (bertjax.bench.workers) hold the two trainers: bertjax (the trainer's own data pipeline,
+optimizer, sharding and jitted train step, through its public `Trainer` and `runs.SingleRun`) and
+`bertjax.bench.peer_torch`. They take turns, so
 only one computes at a time: each round runs one block of `--steps` bertjax steps, then the torch
 loop on exactly the same examples with dynamic padding, then with length grouping (rounds alternate
 which side goes first); the report takes the median block. bertjax's steps decide the examples (with
@@ -24,8 +25,6 @@ figure); `mfu_own_dtype` divides by the peak of each side's operand dtype.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import os
 import platform
@@ -39,6 +38,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from bertjax.bench.workers import PREFIX, jax_worker, torch_worker
 from bertjax.errors import UserError, exit_on_user_error
 from bertjax.host_memory import keep_freed_memory
 from bertjax.models.config import cpu_has_bf16_dot, cpuinfo_value
@@ -58,238 +58,10 @@ flags.DEFINE_list("peer_dtypes", None,
                   "torch precisions to run: float32 and/or bfloat16 (torch.autocast, as the Trainer's bf16=True). "
                   "Default: float32, and also bfloat16 when bertjax's matmuls are bfloat16 (model.matmul_dtype).")
 flags.DEFINE_bool("input_only", False, "Time the host side alone (plan, batches, host-to-device copies; "
-                  "bertjax.bench_input), with no model and no peer.")
+                  "bertjax.bench.host_input), with no model and no peer.")
 flags.DEFINE_integer("input_epochs", 3, "With --input_only: consecutive epochs timed end to end.")
 flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run as a worker process.")
 FLAGS = flags.FLAGS
-
-PREFIX = "BENCH "  # result lines on a worker's stdout start with this; anything else is passed on
-
-
-def _reply(obj: dict) -> None:
-  print(PREFIX + json.dumps(obj), flush=True)
-
-
-def _ids_digest(ids) -> str:
-  """Order-free fingerprint of a set of example ids, to check both sides saw the same examples."""
-  return hashlib.sha1(",".join(map(str, sorted(int(i) for i in ids))).encode()).hexdigest()[:16]
-
-
-def _serve(handlers: dict) -> None:
-  """Answers one JSON command per stdin line until 'quit'."""
-  for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd["op"] == "quit":
-      return
-    _reply(handlers[cmd["op"]](**cmd.get("args", {})))
-
-
-# ----- the bertjax worker --------------------------------------------------------------------
-
-
-def _positions(batcher, count: int) -> list[tuple[int, int]]:
-  """(epoch, step) of the first `count` steps of training, running on through epochs."""
-  out, epoch = [], 0
-  while len(out) < count:
-    out += [(epoch, s) for s in range(batcher.steps_in_epoch(epoch))][:count - len(out)]
-    epoch += 1
-  return out
-
-
-def _batches(batcher, positions: list[tuple[int, int]]):
-  """This host's batches at contiguous positions (possibly across an epoch boundary)."""
-  for epoch, group in itertools.groupby(positions, key=lambda p: p[0]):
-    group = list(group)
-    yield from itertools.islice(batcher.iterate(epoch, group[0][1]), len(group))
-
-
-def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
-  import jax
-  from bertjax import flops, matmul_peak, sharding
-  from bertjax.data.prefetch import Prefetch
-  from bertjax.evaluate import Evaluator
-  from bertjax.step import CompiledByShape
-  from bertjax.trainer import Trainer
-
-  tr = Trainer(config, str(workdir))
-  state, _ = tr._init_state()
-  bs = sharding.batch_sharding(tr.mesh)
-  step_fn = CompiledByShape(tr.jit_train_step(tr.state_shardings), "train step")
-  batcher = tr.data.train.batcher
-  positions = _positions(batcher, FLAGS.warmup + FLAGS.repeats * FLAGS.steps)
-  ids_at = lambda pos: [i for e, s in pos for i in batcher.plan(e)[s]]
-  blocks = [positions[FLAGS.warmup + r * FLAGS.steps:FLAGS.warmup + (r + 1) * FLAGS.steps]
-            for r in range(FLAGS.repeats)]
-  peer_dtypes = FLAGS.peer_dtypes or ["float32"] + (["bfloat16"] if tr.matmul_dtype == "bfloat16" else [])
-  plan = {"warmup": ids_at(positions[:FLAGS.warmup]), "blocks": [ids_at(b) for b in blocks],
-          "total_steps": tr.total_steps, "peer_dtypes": peer_dtypes}  # the torch schedule's length
-  (workdir / "plan.json").write_text(json.dumps(plan))
-
-  def run(pos):
-    nonlocal state
-    compiled = step_fn.compile_seconds
-    t = time.perf_counter()
-    batches = Prefetch(_batches(batcher, pos), lambda b: sharding.global_batch(b, bs))
-    try:
-      for batch in batches:
-        state, metrics = step_fn(state, batch)
-      jax.block_until_ready((state, metrics))
-    finally:
-      batches.close()
-    return time.perf_counter() - t - (step_fn.compile_seconds - compiled), float(metrics["loss"])
-
-  run(positions[:max(FLAGS.warmup, 1)])
-  evaluator = Evaluator(tr.eval_model, tr.mesh, tr.state_shardings.params)
-  eval_split = tr.data.eval if FLAGS.eval else None
-  if eval_split is not None:
-    evaluator.logits(state.params, eval_split.batcher, len(eval_split.labels))  # compiles
-  # Measured afresh in this run (not the trainer's cached or vendor figure): the sides are compared as they ran.
-  peaks = lambda: {dtype: matmul_peak.measure_matmul_peak(dtype) * matmul_peak.devices_sharing_peak()
-                   for dtype in ("float32", "bfloat16")}
-  peak = peaks()
-
-  def train(block: int) -> dict:
-    seconds, loss = run(blocks[block])
-    ids = plan["blocks"][block]
-    lengths = batcher.lengths[ids]
-    slots = sum(r * l for e, s in blocks[block] for r, l in [batcher.step_shapes(e)[s]]) * batcher.process_count
-    return {"seconds": seconds, "examples": len(ids), "tokens": int(lengths.sum()), "slots": slots,
-            "steps": len(blocks[block]), "flops": flops.train_flops(tr.model_cfg, lengths), "ids": _ids_digest(ids),
-            "last_loss": loss, "compilations": step_fn.num_compilations}
-
-  def evaluate() -> dict:
-    compiled = evaluator.step.compile_seconds
-    t = time.perf_counter()
-    evaluator.logits(state.params, eval_split.batcher, len(eval_split.labels))
-    seconds = time.perf_counter() - t - (evaluator.step.compile_seconds - compiled)
-    return {"seconds": seconds, "examples": len(eval_split.labels)}
-
-  def profile() -> dict:
-    batch = sharding.global_batch(next(_batches(batcher, blocks[0][:1])), bs)
-    return profile_step(tr, state, batch)
-
-  _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "matmul_peak_flops": peak,
-          "dtype": tr.dtype, "matmul_dtype": tr.matmul_dtype, "peer_dtypes": peer_dtypes,
-          "rows_per_step": batcher.rows_per_step, "row_length": batcher.row_length, "packing": batcher.packing,
-          "padding_fraction_epoch0": batcher.padding_fraction(0),
-          "steps_per_epoch": batcher.steps_per_epoch(), "num_train_examples": len(batcher.lengths),
-          "mean_train_length": float(batcher.lengths.mean()),
-          "eval_padding_fraction": eval_split.batcher.padding_fraction(0) if eval_split else None,
-          "eval_forward_flops": flops.forward_flops(tr.model_cfg, eval_split.batcher.lengths) if eval_split else None,
-          "model": {"layers": tr.model_cfg.num_layers, "hidden": tr.model_cfg.hidden_size,
-                    "heads": tr.model_cfg.num_heads, "intermediate": tr.model_cfg.intermediate_size},
-          "devices": jax.device_count(), "jax": jax.__version__})
-  _serve({"train": train, "eval": evaluate, "profile": profile, "peak": lambda: {"matmul_peak_flops": peaks()}})
-
-
-def profile_step(tr, state, batch, reps: int = 20) -> dict:
-  """Median milliseconds of variants of the train step on one batch: where the step's time goes."""
-  import jax
-  import numpy as np
-  import optax
-  from bertjax import flops
-  from bertjax.models.dropout import keep_mask
-  from bertjax.models.heads import SequenceClassifier
-  from bertjax.step import _sums, make_eval_step, make_train_step
-
-  def timed(fn, *args) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-      t = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
-
-  cfg, reg, accum = tr.model_cfg, tr.regression, tr.grad_accum_steps
-  quiet = SequenceClassifier(cfg.replace(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0,
-                                         pooler_dropout=0.0, mlp_dropout=0.0))
-  key = jax.random.fold_in(state.rng, 0)
-  grad = lambda model, k: jax.jit(jax.value_and_grad(lambda p: _sums(model, p, batch, reg, k)[0]))
-  train = lambda model: jax.jit(make_train_step(model, tr.tx, tr.schedule, reg, accum))
-  out = {"batch_shape": list(batch.shape[:2]), "reps": reps, "ms": {}}
-  ms = out["ms"]
-  ms["train_step"] = timed(train(tr.model), state, batch)
-  ms["train_step_no_dropout"] = timed(train(quiet), state, batch)
-  # Each (compute dtype, matmul operand dtype) on this machine: what model.dtype / matmul_dtype=auto decide.
-  for dtype, matmul_dtype in (("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")):
-    variant = SequenceClassifier(cfg.replace(dtype=dtype, matmul_dtype=matmul_dtype))
-    ms[f"train_step_{dtype}_matmul_{matmul_dtype}"] = timed(train(variant), state, batch)
-  ms["train_step_again"] = timed(train(tr.model), state, batch)  # drift check
-  ms["forward_backward"] = timed(grad(tr.model, key), state.params)
-  ms["forward_backward_no_dropout"] = timed(grad(quiet, None), state.params)
-  ms["forward_train_mode"] = timed(jax.jit(lambda p: _sums(tr.model, p, batch, reg, key)[0]), state.params)
-  ms["forward_eval"] = timed(jax.jit(make_eval_step(tr.eval_model)), state.params, batch)
-  update = jax.jit(lambda g, o, p: optax.apply_updates(p, tr.tx.update(g, o, p)[0]))
-  ms["optimizer_update"] = timed(update, state.params, state.opt_state, state.params)
-  if cfg.architecture == "bert":
-    # The random bits of every dropout mask in a BERT-layout model, drawn alone: embeddings, each applied layer
-    # (its last one at the read-out tokens only), the head's two.
-    r, l, slots = batch.shape
-    h, n = cfg.hidden_size, cfg.num_heads
-    layer = lambda q: [(r, n, q, l), (r, q, h), (r, q, h)]
-    shapes = ([(r, l, cfg.emb_size)] + layer(l) * (len(cfg.layer_schedule()) - 1) + layer(slots)
-              + [(r, slots, h)] * 2)
-    masks = lambda draw: jax.jit(lambda k: [draw(jax.random.fold_in(k, i), s) for i, s in enumerate(shapes)])
-    ms["dropout_masks_alone"] = timed(masks(lambda k, s: keep_mask(k, s, 0.1)), key)  # what the model draws
-    ms["dropout_masks_alone_threefry"] = timed(masks(lambda k, s: jax.random.bernoulli(k, 0.9, s)), key)
-  ids = np.asarray(batch.fields()["example_ids"])
-  lengths = tr.data.train.batcher.lengths[ids[ids >= 0]]
-  out["model_train_flops"] = flops.train_flops(cfg, lengths)
-  cost = train(tr.model).lower(state, batch).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out["xla_flops"] = float(cost.get("flops", float("nan"))) if cost else None
-  return out
-
-
-# ----- the torch worker ----------------------------------------------------------------------
-
-
-def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
-  import torch
-  from bertjax.data import pipeline
-  from bertjax.models import hf_weights
-  from bertjax.models.config import from_hf_config
-  from bertjax import optim
-  from bertjax.peer_torch import TorchPeer, in_order, length_grouped
-
-  folder = hf_weights.resolve_folder(config.model.name_or_path)
-  base_cfg = from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json"))
-  tc = config.train
-  eval_batch = tc.eval_batch_size or tc.global_batch_size
-  # Same reading and (cached) tokenization as the bertjax worker; only the token ids are used here.
-  data = pipeline.build(config.data, pipeline.load_tokenizer(folder), base_cfg, workdir / "cache",
-                        global_batch_size=tc.global_batch_size, eval_batch_size=eval_batch, seed=tc.seed,
-                        process_index=0, process_count=1, row_multiple=1)
-  plan = json.loads((workdir / "plan.json").read_text())
-  train_tok, train_labels = data.train.batcher.tokenized, data.train.labels
-  lengths = train_tok.lengths
-  eval_split = data.eval if FLAGS.eval else None
-  # The optimizer values the bertjax run resolved (batch rule included), rebuilt from the same config.
-  opt_plan = optim.plan_optimizer(config.optimizer, plan["total_steps"], tc.global_batch_size)
-  peers = {}
-  for dtype in plan["peer_dtypes"]:  # each its own model and optimizer, trained on the same blocks
-    peers[dtype] = TorchPeer(folder, data.num_labels, opt_plan, seed=tc.seed, bf16=dtype == "bfloat16")
-    if plan["warmup"]:
-      peers[dtype].train(train_tok, train_labels, in_order(plan["warmup"], tc.global_batch_size))
-    if eval_split is not None:
-      peers[dtype].evaluate(eval_split.batcher.tokenized, eval_batch)
-
-  def train(block: int, grouped: bool, dtype: str) -> dict:
-    ids = plan["blocks"][block]
-    batches = (length_grouped(ids, lengths, tc.global_batch_size) if grouped
-               else in_order(ids, tc.global_batch_size))
-    out = peers[dtype].train(train_tok, train_labels, batches)
-    return {**out, "examples": len(ids), "tokens": int(lengths[ids].sum()),
-            "ids": _ids_digest(i for b in batches for i in b)}
-
-  def evaluate(dtype: str) -> dict:
-    return peers[dtype].evaluate(eval_split.batcher.tokenized, eval_batch)
-
-  _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "torch": torch.__version__,
-          "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()})
-  _serve({"train": train, "eval": evaluate})
-
 
 # ----- the driver ----------------------------------------------------------------------------
 
@@ -393,7 +165,8 @@ def drive(config, workdir: Path) -> dict:
       "command": " ".join(["python -m bertjax.bench", *sys.argv[1:]]),
       "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)),
       # The CPU's model: benches on different CPUs are not comparable in examples/s.
-      "machine": {**_machine(), "jax": jx.ready["jax"], "torch": th.ready["torch"], "torch_threads": th.ready["threads"],
+      "machine": {**_machine(), "jax": jx.ready["jax"], "torch": th.ready["torch"],
+                  "torch_threads": th.ready["threads"],
                   "torch_interop_threads": th.ready["interop_threads"],
                   # bertjax.host_memory's malloc setting in each worker process
                   "keeps_freed_memory": {"bertjax": jx.ready["keeps_freed_memory"],
@@ -493,9 +266,9 @@ def main(argv):
     raise UserError(f"--input_epochs must be >= 1, got {FLAGS.input_epochs}")
   run_bench = drive
   if FLAGS.input_only:
-    from bertjax import bench_input
+    from bertjax.bench import host_input
     keep_freed_memory()  # as the trainer's process does, before jax starts
-    run_bench = lambda c, w: bench_input.measure(c, w, epochs=FLAGS.input_epochs, repeats=FLAGS.repeats)
+    run_bench = lambda c, w: host_input.measure(c, w, epochs=FLAGS.input_epochs, repeats=FLAGS.repeats)
   load_before, started = os.getloadavg(), time.time()
   if FLAGS.workdir:
     result = run_bench(config, Path(FLAGS.workdir))
@@ -512,7 +285,7 @@ def main(argv):
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2) + "\n")
   if FLAGS.input_only:
-    bench_input.print_table(result)
+    host_input.print_table(result)
   else:
     _print_table(result)
   print(f"wrote {out}")

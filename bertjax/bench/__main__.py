@@ -1,0 +1,3 @@
+from bertjax.bench.driver import run
+
+run()
