@@ -78,8 +78,11 @@ class LoopState:
 def resumed_line(where: str, loop: LoopState, trainer) -> str:
   """The log line of a resumed run: its checkpoint, its data position, and how the devices changed since."""
   batcher = trainer.data.train.batcher
-  return (f"resumed from {where} (epoch {loop.epoch}, step {loop.step_in_epoch} of "
-          f"{batcher.steps_in_epoch(loop.epoch)})"
+  if loop.step_in_epoch == 0 and loop.epoch > 0:
+    position = f"at the end of epoch {loop.epoch}"
+  else:
+    position = f"{loop.step_in_epoch} of {batcher.steps_in_epoch(loop.epoch)} steps into epoch {loop.epoch + 1}"
+  return (f"resumed from {where} ({position})"
           + resume.mesh_note(loop.mesh, dict(trainer.mesh.shape), trainer.config.train.global_batch_size))
 
 

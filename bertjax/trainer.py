@@ -141,8 +141,10 @@ class Trainer:
     else:
       self.loaded = hf_weights.load(str(self.folder), num_labels=self.data.num_labels, dtype=self.dtype,
                                     seed=tc.seed, reinit_head=config.model.reinit_head)
-      for note in self.loaded.notes:
-        log(f"model: {note}")
+      saved = self.workdir / "checkpoints"
+      if not (saved.is_dir() and any(p.name.isdigit() for p in saved.iterdir())):  # else the head is restored
+        for note in self.loaded.notes:
+          log(f"model: {note}")
     self.model_cfg = self.loaded.cfg.replace(  # `like` may differ in these
         dtype=self.dtype, matmul_dtype=self.matmul_dtype, attention_dropout=self.attention_dropout,
         attention=self.attention.train)

@@ -350,7 +350,7 @@ def test_a_four_device_checkpoint_resumes_on_two_devices(setup, tmp_path):
   cmd, env = _devices_cli(2, tmp_path / "moved", data, model)
   resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert (f"checkpoints/{stopped} (epoch 0, step {stopped} of 32); checkpointed on 4 devices (mesh {{'data': 4, "
+  assert (f"checkpoints/{stopped} ({stopped} of 32 steps into epoch 1); checkpointed on 4 devices (mesh {{'data': 4, "
           "'fsdp': 1}), now 2 (mesh {'data': 2, 'fsdp': 1}): the same global batch of 16 and data position"
           in resumed.stderr), resumed.stderr[-2000:]
   losses = {w: {r["step"]: r["loss"] for r in _records(tmp_path / w, "train")} for w in ("straight", "moved")}

@@ -161,6 +161,9 @@ def test_rerunning_a_finished_run_changes_nothing(finished_run, setup):
   result = cli(workdir, data, model)
   assert result.returncode == 0, result.stderr[-2000:]
   assert (workdir / "metrics.jsonl").read_text() == before
+  # The start lines speak of the checkpoint, not of the fresh head the checkpoint replaces.
+  assert f"checkpoints/{summary['steps']} (at the end of epoch 8)" in result.stderr
+  assert "initialised a new" not in result.stderr
   again = json.loads((workdir / "summary.json").read_text())
   for key in ("best", "final", "steps", "num_compilations", "train_examples_per_sec", "padding_fraction", "finished"):
     assert again[key] == summary[key], key  # the summary still describes the run, not the no-op rerun
