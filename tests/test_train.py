@@ -109,7 +109,7 @@ def straight_runs(setup):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed,every", [(0, 5), (1, 5), (2, 1), (3, 1)])
+@pytest.mark.parametrize("seed,every", [(0, 5), (2, 1)])  # one kill between saves, one inside a save
 def test_resume_after_kill_equals_uninterrupted(setup, straight_runs, seed, every):
   """kill -9 at a seeded random moment (after a random checkpoint, plus a random delay; with a save
   after every step, most moments fall inside an async save), then the same command resumes."""
