@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from absl import logging
@@ -67,6 +68,13 @@ def _json_metrics(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
   for name, value in metrics.items():
     out[name] = value if isinstance(value, (str, bool, int)) else float(value)
   return out
+
+
+def steps_on_disk(checkpoint_dir) -> list[int]:
+  """The steps saved in a checkpoints folder (its numbered subfolders), without opening a manager."""
+  checkpoint_dir = Path(checkpoint_dir)
+  return sorted(int(p.name) for p in checkpoint_dir.glob("*") if p.name.isdigit()) \
+      if checkpoint_dir.is_dir() else []
 
 
 def _check_abstract(abstract_state: PyTree) -> None:

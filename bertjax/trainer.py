@@ -141,8 +141,7 @@ class Trainer:
     else:
       self.loaded = hf_weights.load(str(self.folder), num_labels=self.data.num_labels, dtype=self.dtype,
                                     seed=tc.seed, reinit_head=config.model.reinit_head)
-      saved = self.workdir / "checkpoints"
-      if not (saved.is_dir() and any(p.name.isdigit() for p in saved.iterdir())):  # else the head is restored
+      if not ckpt_lib.steps_on_disk(self.workdir / "checkpoints"):  # else the head comes from the checkpoint
         for note in self.loaded.notes:
           log(f"model: {note}")
     self.model_cfg = self.loaded.cfg.replace(  # `like` may differ in these

@@ -68,11 +68,6 @@ def default_group_dir(workdirs: list[str]) -> Path:
   return Path(paths[0]).parent / f".group-{digest}"
 
 
-def _steps(checkpoint_dir: Path) -> list[int]:
-  return sorted(int(p.name) for p in checkpoint_dir.glob("*") if p.name.isdigit()) \
-      if checkpoint_dir.is_dir() else []
-
-
 def _stack(trees: list):
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
@@ -96,8 +91,8 @@ class TrialGroup:
         raise UserError(f"trial {i} ({workdirs[i]}) cannot share a group with trial 0: they differ in "
                         f"{', '.join(differ)} (only {', '.join(free_keys(configs[0]))} may differ)")
     self.group_dir = Path(group_workdir) if group_workdir else default_group_dir(workdirs)
-    if not _steps(self.group_dir / "checkpoints"):  # then it starts from the trials' own checkpoints
-      latest = {w: max(_steps(Path(w) / "checkpoints"), default=None) for w in workdirs}
+    if not ckpt_lib.steps_on_disk(self.group_dir / "checkpoints"):  # then it starts from the trials' own checkpoints
+      latest = {w: max(ckpt_lib.steps_on_disk(Path(w) / "checkpoints"), default=None) for w in workdirs}
       if len(set(latest.values())) > 1:
         raise UserError(f"the trials' latest checkpoints are at different steps ({latest}) and the group "
                         f"workdir {self.group_dir} has none: resume them alone (bertjax.train) or in their "
@@ -170,7 +165,7 @@ class TrialGroup:
 
   def _check_manifest(self) -> None:
     path = self.group_dir / "group.json"
-    if _steps(self.group_dir / "checkpoints") and path.exists():
+    if ckpt_lib.steps_on_disk(self.group_dir / "checkpoints") and path.exists():
       saved, now = json.loads(path.read_text()), self._manifest()
       for key in ("workdirs", "varying"):
         if saved[key] != now[key]:
