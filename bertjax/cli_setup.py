@@ -39,8 +39,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("heartbeat_timeout", 30, "Seconds after which the other processes give up on a dead one.")
   flags.DEFINE_integer("expected_devices", None, "Refuse to start unless the run has this many devices in all "
                        "(for launchers whose environment bertjax cannot read; see docs/gpu.md).", lower_bound=1)
-  flags.DEFINE_string("compilation_cache", os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bertjax", "xla"),
-                      "Persistent XLA compilation cache folder, shared by runs ('' = off).")
+  flags.DEFINE_string("compilation_cache", os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bertjax", "xla"),
+                      "Persistent XLA compilation cache folder, shared by runs ('' = off); default "
+                      "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/bertjax/xla.")
 
 
 def deterministic_ops(setting: str, backend: str, xla_flags: str | None = None) -> tuple[bool, str]:

@@ -19,6 +19,24 @@ def _peak_cache(tmp_path_factory):
   os.environ["BERTJAX_PEAK_CACHE"] = str(tmp_path_factory.mktemp("peak") / "peak.json")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """The runs a test starts in this process share compiled steps, as the command line's runs do
+  (cli_setup's --compilation_cache): many tests train the same tiny model, and compiling is most of a tiny
+  run's time. Every compile is kept (jax keeps only those over a second by default); one folder per pytest
+  worker. Not for the processes the tests start: there, writing every small compile costs more than it saves
+  (scripts/gpu_smoke.sh --cpu: 52 s against 35 s)."""
+  import jax
+  from jax._src import compilation_cache
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()
+
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -158,3 +176,13 @@ def to_bertjax(ids, mask, types):
   pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
   return dict(input_ids=ids.astype(np.int32), token_type_ids=types.astype(np.int32), segment_ids=seg,
               position_ids=pos, cls_index=np.zeros((ids.shape[0], 1), np.int32))
+
+
+def pytest_collection_modifyitems(items):
+  """Modules with the most slow tests first (pyproject sets --no-loadscope-reorder, so that pytest-xdist hands
+  out whole files in this order): the last files to run are quick ones, and neither worker idles while the
+  other finishes a long file."""
+  slow: dict[str, int] = {}
+  for item in items:
+    slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(item.get_closest_marker("slow"))
+  items.sort(key=lambda item: -slow[item.module.__name__])  # stable: each module's tests keep their order

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 
 from bertjax import checkpoint, matmul_peak, run_log, sweep, sweep_results, sweep_spec, trainer
@@ -34,7 +33,7 @@ def sweep_cli(workdir, setup, sweep_file, *overrides):
   root, data, model = setup
   cmd = [sys.executable, "-m", "bertjax.sweep", f"--config={REPO}/configs/demo.py:tiny,data_dir={data}",
          f"--sweep={sweep_file}", f"--workdir={workdir}", f"--config.model.name_or_path={model}",
-         f"--compilation_cache={root / 'xla'}", *[f"--config.{k}={v}" for k, v in STEPS.items()], *overrides]
+         *[f"--config.{k}={v}" for k, v in STEPS.items()], *overrides]
   env = {**os.environ, "PYTHONPATH": str(REPO)}
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -47,18 +46,11 @@ def _error_line(result):
 
 @pytest.fixture(scope="module")
 def fast_trials(setup):
-  """Trials in this process share compiled steps through a persistent XLA cache (as the CLI's trials
-  do) and skip the trainer's matmul-peak measurement."""
-  from jax._src import compilation_cache
-  old = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", str(setup[0] / "xla"))
-  compilation_cache.reset_cache()
+  """Trials in this process skip the trainer's matmul-peak measurement (their compiled steps are shared
+  through conftest's compilation cache, as the command line's trials share theirs)."""
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(matmul_peak, "run_peak", lambda dtype: matmul_peak.Peak(1e11, "test"))  # restored afterwards
-
     yield
-  jax.config.update("jax_compilation_cache_dir", old)
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
