@@ -65,9 +65,10 @@ def test_xla_attention_equals_einsum(make_batch, family):
   for impl in ("einsum", "xla"):
     model = models.SequenceClassifier(cfg.replace(attention=impl))
     logits = lambda p: model.apply({"params": p}, **batch)
-    grads = jax.grad(lambda p: jnp.sum(weights * logits(p)))(params)
-    hidden = Encoder(cfg.replace(attention=impl)).apply({"params": params["encoder"]}, *list(batch.values())[:4])
-    out[impl] = (np.asarray(logits(params)), grads, np.asarray(hidden))
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(weights * logits(p))))(params)
+    encoder = Encoder(cfg.replace(attention=impl))
+    hidden = jax.jit(lambda p: encoder.apply({"params": p}, *list(batch.values())[:4]))(params["encoder"])
+    out[impl] = (np.asarray(jax.jit(logits)(params)), grads, np.asarray(hidden))
   (want, want_grads, want_hidden), (got, got_grads, got_hidden) = out["einsum"], out["xla"]
   assert np.abs(got - want).max() <= 1e-6 and np.abs(want).max() > 0.1
   assert np.abs(got_hidden - want_hidden).max() <= 1e-6 and got_hidden.shape == (*batch["input_ids"].shape, 32)

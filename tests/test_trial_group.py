@@ -23,7 +23,7 @@ from test_train import REPO, demo_config
 # float32 products: with bfloat16 operands (matmul_dtype=auto on a CPU with bf16 dot instructions) the vmapped
 # group's different summation order can flip an operand's bf16 rounding, and 40 steps turn that into ~3e-5 in
 # the losses.
-COMMON = {"train.max_steps": 40, "train.eval_every_steps": 20, "train.checkpoint_every_steps": 5,
+COMMON = {"train.max_steps": 20, "train.eval_every_steps": 10, "train.checkpoint_every_steps": 5,
           "train.log_every_steps": 1, "data.shuffle_seed": 5, "model.matmul_dtype": "float32"}
 # Learning rate, weight decay, clip on/off, warmup and seed differ; trials 0 and 2 share a seed (and so a head).
 VARIANTS = [{"optimizer.learning_rate": 3e-3},
@@ -88,7 +88,7 @@ def test_each_trial_matches_its_single_run(group_run, single_runs):
     assert set(gs) == set(ss) | {"trial_group"} and gs["trial_group"]["index"] == k
     assert gs["final"]["eval_loss"] == pytest.approx(ss["final"]["eval_loss"], abs=1e-5)
     assert gs["best"]["eval_loss"] == pytest.approx(ss["best"]["eval_loss"], abs=1e-5)
-    assert gs["finished"] and gs["steps"] == 40 and gs["epochs_completed"] == ss["epochs_completed"]
+    assert gs["finished"] and gs["steps"] == 20 and gs["epochs_completed"] == ss["epochs_completed"]
     # The same files, and the same kept checkpoints (latest and best), as the run alone.
     assert {p.name for p in g.iterdir()} == {p.name for p in s.iterdir()} - {"cache"}
     steps = lambda w: sorted(p.name for p in (w / "checkpoints").iterdir() if p.name.isdigit())
@@ -170,7 +170,7 @@ def test_killed_group_resumes_to_the_uninterrupted_result(setup, group_run):
   group_ckpts = root / "killed_group" / "checkpoints"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if any(p.name.isdigit() and int(p.name) >= 10 for p in group_ckpts.glob("*")):
+    if any(p.name.isdigit() and int(p.name) >= 5 for p in group_ckpts.glob("*")):
       break
     time.sleep(0.01)
   assert proc.poll() is None, "the group finished before it could be killed"
@@ -228,7 +228,7 @@ def test_group_without_its_group_workdir_goes_on_from_the_trials(setup, group_ru
   real = trial_group.save_run
 
   def cut(checkpoints, state, loop):
-    if loop.step == 25:
+    if loop.step == 15:
       raise Killed()
     return real(checkpoints, state, loop)
 
@@ -236,7 +236,7 @@ def test_group_without_its_group_workdir_goes_on_from_the_trials(setup, group_ru
   with pytest.raises(Killed):
     trial_group.train_group(trial_configs(data, model), workdirs, str(group_dir))
   monkeypatch.setattr(trial_group, "save_run", real)
-  assert [load_run(w, "latest").step for w in workdirs] == [20, 20, 20]
+  assert [load_run(w, "latest").step for w in workdirs] == [10, 10, 10]
   trial_group.train_group(trial_configs(data, model), workdirs, str(tmp_path / "second_group"))
   for a, b in zip(workdirs, straight):
     assert_same_run(a, b, exact=True)
