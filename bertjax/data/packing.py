@@ -11,6 +11,7 @@ scanning every row for every example (tests/test_data.py keeps that reference), 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import heapq
 
 import numpy as np
@@ -165,6 +166,21 @@ def _full_step_mean(lengths: np.ndarray, rows: int, length: int, max_per_row: in
 
 def choose_layout(lengths: np.ndarray, batch_size: int, max_length: int, max_per_row: int, num_shards: int = 1,
                   lookahead: int = 256) -> tuple[int, int]:
+  """`_choose_layout`, remembered per lengths and settings: a sweep's trials (and a group's) in one process
+  read the same split and would pack the same sample a dozen times each."""
+  lengths = np.asarray(lengths, np.int64)
+  key = (hashlib.blake2b(lengths.tobytes(), digest_size=16).digest(), len(lengths), batch_size, max_length,
+         max_per_row, num_shards, lookahead)
+  if key not in _layouts:
+    _layouts[key] = _choose_layout(lengths, batch_size, max_length, max_per_row, num_shards, lookahead)
+  return _layouts[key]
+
+
+_layouts: dict[tuple, tuple[int, int]] = {}
+
+
+def _choose_layout(lengths: np.ndarray, batch_size: int, max_length: int, max_per_row: int, num_shards: int,
+                   lookahead: int) -> tuple[int, int]:
   """(rows per step, row length) of packed steps that hold `batch_size` examples on average, from the
   token lengths alone: the same on any number of devices, so an epoch's plan is too.
 
@@ -173,8 +189,8 @@ def choose_layout(lengths: np.ndarray, batch_size: int, max_length: int, max_per
   of 8, 4, 2 that keeps the row length between the longest example and 1.5x that start, so that 1, 2,
   4 and 8 data-parallel devices split a step's rows evenly (other counts get empty rows, see
   `Batcher`). The row length is then tuned, a token at a time, until the mean examples per step of a
-  packed sample of the lengths (about 80 steps' worth, at least 16,384 examples, repeated if the data
-  has fewer) is as close to `batch_size` as it gets."""
+  packed sample of the lengths (about 80 steps' worth, and at least 16,384 examples or the data four times
+  over, whichever is fewer) is as close to `batch_size` as it gets."""
   lengths = np.asarray(lengths, np.int64)
   if not len(lengths):
     return num_shards, 16
@@ -191,7 +207,7 @@ def choose_layout(lengths: np.ndarray, batch_size: int, max_length: int, max_per
       break
   if rows is None:  # a step holds less than one longest example: one row per shard
     rows = num_shards
-  count = min(max(80 * batch_size, 2 ** 14), 2 ** 16)
+  count = min(max(80 * batch_size, min(2 ** 14, 4 * len(lengths))), 2 ** 16)
   pick = np.random.default_rng(1).permutation(max(count, len(lengths)))[:count] % len(lengths)
   sample = lengths[pick]
   mean_at: dict[int, float] = {}
