@@ -678,3 +678,30 @@ def test_the_batch_size_is_honoured_on_any_device_count(sst2_train, batch_size):
   assert plans[1] == plans[2] == plans[4] == plans[8]
   if batch_size == 1024:  # a multiple of 8 rows: no device count above needs empty rows
     assert make(8).rows_per_step == make(1).rows_per_step
+
+
+def test_prefetch_keeps_order_chunks_and_reraises_after_the_items_before_the_error():
+  from bertjax.data.prefetch import Prefetch
+
+  def source(n, fail_at=None):
+    for i in range(n):
+      if i == fail_at:
+        raise ValueError(f"bad item {i}")
+      yield i
+
+  for chunk in (1, 3, 16):
+    got = Prefetch(source(50), lambda x: x * 10, chunk=chunk)
+    assert list(got) == [10 * i for i in range(50)] and next(got, "done") == "done"
+    got.close()
+  failing = Prefetch(source(20, fail_at=7), chunk=4)
+  seen = []
+  with pytest.raises(ValueError, match="bad item 7"):
+    for x in failing:
+      seen.append(x)
+  assert seen == list(range(7))
+  failing.close()
+  # Closed midway, the thread stops (it was blocked handing over its next chunk).
+  endless = Prefetch(iter(int, 1), chunk=2, depth=1)
+  assert next(endless) == 0
+  endless.close()
+  assert not endless._thread.is_alive()
