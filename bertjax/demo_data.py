@@ -8,10 +8,11 @@ polarity. Pretrained weights know the words; the model still has to learn the co
 """
 
 import argparse
-import os
 import random
 import sys
 from pathlib import Path
+
+from bertjax.files import atomic_write
 
 SUBJECTS = ["the film", "this movie", "the acting", "the plot", "the soundtrack", "the ending", "the dialogue",
             "the cast", "the story", "the camera work", "the script", "the director's vision", "the pacing",
@@ -52,11 +53,9 @@ def write(out_dir: Path, num_train: int, num_dev: int, seed: int) -> None:
       rows.append((text, label))
   out_dir.mkdir(parents=True, exist_ok=True)
   for name, part in (("train.tsv", rows[:num_train]), ("dev.tsv", rows[num_train:])):
-    tmp = out_dir / f".{name}.{os.getpid()}"  # renamed when complete: processes started together may race
-    with open(tmp, "w") as f:
+    with atomic_write(out_dir / name) as f:  # whole or absent: processes started together may race
       f.write("sentence\tlabel\n")
       f.writelines(f"{t}\t{y}\n" for t, y in part)
-    os.replace(tmp, out_dir / name)
 
 
 def ensure(out_dir: Path) -> None:
