@@ -128,3 +128,19 @@ def test_bench_smoke(tmp_path):
   assert r["profile"]["ms"]["train_step"] > 0 and r["profile"]["model_train_flops"] > 0
   for variant in ("float32_matmul_float32", "float32_matmul_bfloat16", "bfloat16_matmul_bfloat16"):
     assert r["profile"]["ms"][f"train_step_{variant}"] > 0  # what model.dtype / matmul_dtype=auto decide
+
+
+def test_input_only_times_the_host_pipeline_over_whole_epochs(tmp_path):
+  """bertjax.bench.host_input: every rate counts each example of an epoch once, and the end-to-end figure is
+  the trainer's own pipeline over consecutive epochs."""
+  from bertjax.bench import host_input
+  _, data, model = demo_setup(tmp_path, 300, 20, seed=4)
+  config = demo_config(data, model, **{"data.eval": ""})
+  r = host_input.measure(config, tmp_path / "work", epochs=2, repeats=1)
+  assert r["num_train_examples"] == 300 and r["epochs_end_to_end"] == 2 and r["packing"]
+  s = r["seconds_per_epoch"]
+  assert r["input_examples_per_sec"] == pytest.approx(300 / s["end_to_end"])
+  for part in ("plan", "build", "copy"):
+    assert r[f"{part}_examples_per_sec"] == pytest.approx(300 / s[part]) and s[part] > 0
+  assert r["mean_examples_per_step"] == pytest.approx(300 / r["steps_per_epoch"])
+  assert abs(r["mean_examples_per_step"] - 16) < 1.5 and 0 <= r["padding_fraction_epoch0"] < 0.2
