@@ -19,6 +19,7 @@ from test_train import demo_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_jax_side_steps_as_the_trainer_does(tmp_path):
   """The bench's bertjax side (the run's Trainer and `runs.SingleRun`'s jitted step) gives the trainer's losses."""
   _, data, model = demo_setup(tmp_path, 64, 16, seed=3)

@@ -89,6 +89,7 @@ def _torch_logits(folder, first, second=None, max_length=MAX_LENGTH):
   return logits, enc["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TEXT_VARIANTS)
 def test_texts_match_pytorch_packed_and_unpacked(text_models, name):
   """Single texts and pairs, one longer than max_length (truncated), packed several to a row and one per row:
@@ -236,6 +237,7 @@ def test_ensemble_across_families(text_models, trained):
   assert not np.allclose(report.member_logits[0], report.member_logits[1], atol=1e-2)
 
 
+@pytest.mark.slow
 def test_fsdp_and_data_sharding_match_one_device():
   """DeBERTa and ModernBERT (hidden 128, so that their large leaves are split) train the same on one device and on
   a (data 2, fsdp 4) mesh of 8 fake devices: packed rows, DeBERTa's relative table and ModernBERT's fused

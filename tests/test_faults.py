@@ -44,6 +44,7 @@ def test_sigterm_saves_current_step_and_resumes(setup):
   assert load_run(workdir, "latest").step == stopped_at
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_steps_counts_and_continues(setup, monkeypatch):
   root, data, model = setup
   # Inject a NaN into one training label, so the loss of exactly the steps holding it is NaN.

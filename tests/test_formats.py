@@ -152,6 +152,7 @@ def test_bad_tables_exit_2_and_write_nothing(tmp_path, source, match):
   assert re.search(match, lines[0]) and not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_training_reads_a_datasets_folder(tmp_path):
   """Both splits of a save_to_disk folder feed a run; its ClassLabel names become the run's labels."""
   from conftest import tiny_bert_with_tokenizer

@@ -111,6 +111,7 @@ def test_no_pytorch_warning_without_torch(setup, tmp_path):
 # ----- train.class_weights -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_class_weights_weight_the_loss_as_computed_by_hand():
   tokens, labels = random_tokens(12, seed=4)
   batch = next(Batcher(tokens, labels, global_batch_size=16, max_length=32, shuffle=False).iterate(0))

@@ -55,6 +55,7 @@ def _torch_logits(folder, first, second=None, max_length=128):
     return model(**enc).logits.numpy(), model.config, enc["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 def test_export_loads_in_torch_and_matches_predict(trained):
   root, _, workdir, exported = trained
   texts = [l.split("\t")[0] for l in (root / "data" / "dev.tsv").read_text().splitlines()[1:41]] + [LONG]

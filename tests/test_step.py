@@ -46,7 +46,7 @@ def one_step(cfg, batch, accum):
   return step(state, batch)
 
 
-@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("packing", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_grad_accumulation_4x8_equals_32(packing):
   tokens, labels = random_tokens(32)
   batcher = Batcher(tokens, labels, global_batch_size=32, max_length=32, packing=packing, max_per_row=4,
@@ -101,6 +101,7 @@ def test_evaluator_counts_every_example_and_packing_keeps_logits():
       tokens, labels, global_batch_size=8, max_length=32, shuffle=False).shapes())
 
 
+@pytest.mark.slow
 def test_eight_fake_devices_match_one_device():
   script = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np

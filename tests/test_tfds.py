@@ -78,6 +78,7 @@ def test_tfds_errors_are_one_line(data_dir):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_train_from_tfds(data_dir, tmp_path):
   model = tiny_bert_with_tokenizer(tmp_path / "model")
   c = demo_config(tmp_path, model)
