@@ -177,12 +177,3 @@ def to_bertjax(ids, mask, types):
   return dict(input_ids=ids.astype(np.int32), token_type_ids=types.astype(np.int32), segment_ids=seg,
               position_ids=pos, cls_index=np.zeros((ids.shape[0], 1), np.int32))
 
-
-def pytest_collection_modifyitems(items):
-  """Modules with the most slow tests first (pyproject sets --no-loadscope-reorder, so that pytest-xdist hands
-  out whole files in this order): the last files to run are quick ones, and neither worker idles while the
-  other finishes a long file."""
-  slow: dict[str, int] = {}
-  for item in items:
-    slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(item.get_closest_marker("slow"))
-  items.sort(key=lambda item: -slow[item.module.__name__])  # stable: each module's tests keep their order
