@@ -160,10 +160,10 @@ def check_agreement(workdirs: list[str]) -> None:
 
 def run_logits(predictor: Predictor, run, examples, batch_size: int = 0) -> np.ndarray:
   """A restored run's logits [N, C] on examples, tokenized with its own tokenizer and data options."""
-  from bertjax.data import pipeline
   from bertjax.data.tokenize import tokenize
+  from bertjax.data.tokenizer import load_tokenizer
   d, tc = run.config.data, run.config.train
-  tokenizer = pipeline.load_tokenizer(run.workdir / "model")
+  tokenizer = load_tokenizer(run.workdir / "model")
   tokens = tokenize(tokenizer, examples, d.max_length, d.truncation, run.model_cfg.type_vocab_size > 1)
   return predictor.logits(run.model_cfg, run.params, tokens,
                           batch_size=batch_size or tc.eval_batch_size or tc.global_batch_size,

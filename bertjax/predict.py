@@ -80,7 +80,7 @@ def input_options(path: str | Path, text_fields: list[str] | None = None):
 def load_model(path: str | Path, checkpoint: str = "best", max_length: int = 0,
                text_fields: list[str] | None = None) -> Model:
   """A training workdir (params from its orbax checkpoint) or a Hugging Face folder with a trained head."""
-  from bertjax.data.pipeline import load_tokenizer
+  from bertjax.data.tokenizer import load_tokenizer
   from bertjax.models import hf_weights
   path = Path(path)
   if not path.is_dir():

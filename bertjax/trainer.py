@@ -17,6 +17,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -29,6 +30,7 @@ from bertjax import workdir as workdir_lib
 from bertjax.config_base import check_values
 from bertjax.data import pipeline
 from bertjax.data.prefetch import Prefetch
+from bertjax.data.tokenizer import Tokenizer, load_tokenizer
 from bertjax.errors import UserError, WriteFailed, first_line
 from bertjax.evaluate import Evaluator
 from bertjax.loop_state import LoopState, RunRecord, Stats
@@ -59,10 +61,21 @@ def grad_accum_setting(train_cfg) -> int | str:
   raise UserError(f"train.grad_accum_steps must be auto or a positive integer, got {value!r}")
 
 
-def build_data(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path | None):
-  """(mesh, model folder, tokenizer, TaskData, accumulation steps) of a run: the data read, tokenized
-  (cached in cache_dir; None: no cache) and batched for this process, and train.grad_accum_steps resolved.
-  Labels a resumed run saved in `workdir` keep their ids."""
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+  """What a run reads before it trains: its device mesh, the model folder and its tokenizer, the data read,
+  tokenized and batched for this process, and train.grad_accum_steps resolved. Runs that differ only in
+  hyperparameters (a trial group's trials) share one."""
+  mesh: Any
+  folder: Path
+  tokenizer: Tokenizer
+  data: pipeline.TaskData
+  grad_accum_steps: int
+
+
+def build_inputs(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path | None) -> RunInputs:
+  """A run's inputs, its data tokenized into cache_dir (None: no cache). Labels a resumed run saved in
+  `workdir` keep their ids."""
   tc = config.train
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   accum = grad_accum_setting(tc)
@@ -75,7 +88,7 @@ def build_data(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path
     raise UserError(f"train.eval_batch_size={eval_batch} must be a multiple of the {data_devices} devices")
   folder = hf_weights.resolve_folder(config.model.name_or_path)
   base_cfg = from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json"))
-  tokenizer = pipeline.load_tokenizer(folder)
+  tokenizer = load_tokenizer(folder)
   local_devices = sharding.local_rows_multiple(mesh)
   data = pipeline.build(
       config.data, tokenizer, base_cfg, cache_dir, global_batch_size=tc.global_batch_size,
@@ -90,27 +103,27 @@ def build_data(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Path
     raise UserError(f"train.grad_accum_steps={accum} must divide the {rows} rows each device gets per step "
                     f"(batch {tc.global_batch_size}{', packed' if config.data.packing else ''}); "
                     f"divisors: {', '.join(str(d) for d in range(1, rows + 1) if rows % d == 0)}")
-  return mesh, folder, tokenizer, data, accum
+  return RunInputs(mesh, folder, tokenizer, data, accum)
 
 
 class Trainer:
   """One run's parts, built and checked from its config: data, model, optimizer, step count. `run()` trains it.
 
-  `like`: another Trainer (same data and model, e.g. the first trial of a group) whose data, mesh
-  and tokenizer are shared instead of built again; `cache_dir`: the tokenization cache folder
-  (default: the workdir's); `token_cache=False` tokenizes without one, so that nothing is written."""
+  `inputs`: the mesh, model folder, tokenizer and data, when another run already built them from the same
+  data and model settings (`build_inputs`); else they are built here, the data tokenized into `cache_dir`
+  (default: the workdir's cache folder; `token_cache=False`: no cache, so that nothing is written)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, like: "Trainer | None" = None,
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, inputs: RunInputs | None = None,
                cache_dir: Path | None = None, token_cache: bool = True):
     workdir_existed = Path(workdir).exists()
     try:
-      self._build(config, workdir, like, cache_dir, token_cache)
+      self._build(config, workdir, inputs, cache_dir, token_cache)
     except UserError:
       if not workdir_existed:  # a fresh workdir holds only the token cache written on the way: leave nothing
         shutil.rmtree(workdir, ignore_errors=True)
       raise
 
-  def _build(self, config, workdir, like, cache_dir, token_cache) -> None:
+  def _build(self, config, workdir, inputs, cache_dir, token_cache) -> None:
     config = self.config = copy.deepcopy(config)  # resolved keys below are written here, not in the caller's
     self.workdir = Path(workdir)
     self.is_primary = jax.process_index() == 0
@@ -126,25 +139,20 @@ class Trainer:
     self.config_changes = resume.changed_settings(self.workdir, config)  # refused unless allowed
 
     # Model folder, tokenizer, data: all validated before anything is written.
-    if like is not None:
-      self.mesh, self.folder, self.tokenizer, self.data = like.mesh, like.folder, like.tokenizer, like.data
-      self.grad_accum_steps = like.grad_accum_steps
-      self._resolve_attention(like.loaded.cfg)
-    else:
-      # Before the data is tokenized into the workdir's cache: the attention settings need only config.json.
-      folder = hf_weights.resolve_folder(config.model.name_or_path)
-      self._resolve_attention(from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json")))
-      self.mesh, self.folder, self.tokenizer, self.data, self.grad_accum_steps = build_data(
-          config, self.workdir, (cache_dir or self.workdir / "cache") if token_cache else None)
-    if like is not None and like.config.train.seed == tc.seed:
-      self.loaded = like.loaded
-    else:
-      self.loaded = hf_weights.load(str(self.folder), num_labels=self.data.num_labels, dtype=self.dtype,
-                                    seed=tc.seed, reinit_head=config.model.reinit_head)
-      if not ckpt_lib.steps_on_disk(self.workdir / "checkpoints"):  # else the head comes from the checkpoint
-        for note in self.loaded.notes:
-          log(f"model: {note}")
-    self.model_cfg = self.loaded.cfg.replace(  # `like` may differ in these
+    # The attention settings first, before the data is tokenized into the workdir's cache: they need only
+    # the model's config.json.
+    folder = inputs.folder if inputs else hf_weights.resolve_folder(config.model.name_or_path)
+    self._resolve_attention(from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json")))
+    self.inputs = inputs or build_inputs(config, self.workdir,
+                                         (cache_dir or self.workdir / "cache") if token_cache else None)
+    self.mesh, self.folder, self.tokenizer = self.inputs.mesh, self.inputs.folder, self.inputs.tokenizer
+    self.data, self.grad_accum_steps = self.inputs.data, self.inputs.grad_accum_steps
+    self.loaded = hf_weights.load(str(self.folder), num_labels=self.data.num_labels, dtype=self.dtype,
+                                  seed=tc.seed, reinit_head=config.model.reinit_head)
+    if not ckpt_lib.steps_on_disk(self.workdir / "checkpoints"):  # else the head comes from the checkpoint
+      for note in self.loaded.notes:
+        log(f"model: {note}")
+    self.model_cfg = self.loaded.cfg.replace(
         dtype=self.dtype, matmul_dtype=self.matmul_dtype, attention_dropout=self.attention_dropout,
         attention=self.attention.train)
     self.model = SequenceClassifier(self.model_cfg)
@@ -155,9 +163,7 @@ class Trainer:
     # Packed epochs differ by a step or so (each epoch packs its own shuffle), so count them one by one.
     batcher = self.data.train.batcher
     self.steps_per_epoch = batcher.steps_in_epoch(0)
-    if like is not None:
-      self.total_steps = like.total_steps
-    elif tc.max_steps:
+    if tc.max_steps:
       self.total_steps = tc.max_steps
     else:
       full = int(tc.num_epochs)

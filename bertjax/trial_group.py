@@ -98,7 +98,7 @@ class TrialGroup:
                         f"workdir {self.group_dir} has none: resume them alone (bertjax.train) or in their "
                         "first group")
     self.lead = Trainer(configs[0], workdirs[0], cache_dir=self.group_dir / "cache")
-    self.trainers = [self.lead] + [Trainer(c, w, like=self.lead) for c, w in zip(configs[1:], workdirs[1:])]
+    self.trainers = [self.lead] + [Trainer(c, w, inputs=self.lead.inputs) for c, w in zip(configs[1:], workdirs[1:])]
     self.labels = [f"[trial {k}] " for k in range(len(self.trainers))]
     hparams = [t.opt_plan.hparams for t in self.trainers]
     self.varying = tuple(k for k in optim.HPARAMS if len({h[k] for h in hparams}) > 1)

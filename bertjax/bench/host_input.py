@@ -32,10 +32,11 @@ def _timed(fn) -> float:
 
 def measure(config, workdir: Path, epochs: int = 3, repeats: int = 3) -> dict:
   """Host-side rates of `config`'s training split on this process; `workdir` holds the token cache."""
-  from bertjax.trainer import build_data
+  from bertjax.trainer import build_inputs
 
   t = time.perf_counter()
-  mesh, _, _, data, _ = build_data(config, workdir, workdir / "cache")
+  inputs = build_inputs(config, workdir, workdir / "cache")
+  mesh, data = inputs.mesh, inputs.data
   setup_seconds = time.perf_counter() - t
   batcher = data.train.batcher
   batch_sharding = sharding.batch_sharding(mesh)

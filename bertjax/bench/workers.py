@@ -219,6 +219,7 @@ def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   import torch
   from bertjax import optim
   from bertjax.data import pipeline
+  from bertjax.data.tokenizer import load_tokenizer
   from bertjax.models import hf_weights
   from bertjax.models.config import from_hf_config
   from bertjax.bench.peer_torch import TorchPeer, in_order, length_grouped
@@ -228,7 +229,7 @@ def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   tc = config.train
   eval_batch = tc.eval_batch_size or tc.global_batch_size
   # Same reading and (cached) tokenization as the bertjax worker; only the token ids are used here.
-  data = pipeline.build(config.data, pipeline.load_tokenizer(folder), base_cfg, workdir / "cache",
+  data = pipeline.build(config.data, load_tokenizer(folder), base_cfg, workdir / "cache",
                         global_batch_size=tc.global_batch_size, eval_batch_size=eval_batch, seed=tc.seed,
                         process_index=0, process_count=1, row_multiple=1)
   plan = json.loads((workdir / "plan.json").read_text())

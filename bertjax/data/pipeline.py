@@ -69,14 +69,6 @@ class TaskData:
     return 1 if self.task == "regression" else len(self.label_names)
 
 
-def load_tokenizer(folder: Path):
-  from transformers import AutoTokenizer
-  try:
-    return AutoTokenizer.from_pretrained(str(folder))
-  except Exception as e:  # transformers raises many types for a folder without tokenizer files
-    raise UserError(f"{folder}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:150]})") from None
-
-
 def text_fields(data_cfg) -> tuple:
   return sources.check_fields(data_cfg.text_fields)
 

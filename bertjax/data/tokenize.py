@@ -1,7 +1,7 @@
 """Tokenize single texts or pairs with the model's special tokens, truncate, and cache.
 
-Texts are encoded without special tokens in large batches by the fast (Rust) tokenizer, then
-truncated and wrapped in the template the tokenizer's own post-processor uses (BERT
+Texts are encoded without special tokens in large batches by the fast (Rust) tokenizer
+(bertjax.data.tokenizer), then truncated and wrapped in the template the tokenizer's own post-processor uses (BERT
 `[CLS] a [SEP] b [SEP]`, RoBERTa `<s> a </s></s> b </s>`).
 """
 
@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bertjax.data.sources import Examples
+from bertjax.data.tokenizer import Tokenizer
 from bertjax.errors import UserError
 from bertjax.files import atomic_write
 
@@ -62,51 +63,6 @@ class Tokenized:
     return Tokenized(self.flat_ids[lo:hi], self.flat_type_ids[lo:hi], self.lengths[start:stop], self.pad_id)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Template:
-  """Special-token ids around one text (prefix, suffix) or two (prefix, middle, suffix)."""
-  single: tuple[list[int], list[int]]
-  pair: tuple[list[int], list[int], list[int]]
-  pair_types: tuple[list[int], list[int], list[int]]  # token types of the three parts
-  type_a: int  # token type of the first text's tokens
-  type_b: int  # and of the second's
-
-
-def special_template(tokenizer: Any) -> _Template:
-  """Derives where the tokenizer puts its special tokens by encoding a sample pair."""
-  a, b = "hello", "world"
-  plain_a = tokenizer(a, add_special_tokens=False)["input_ids"]
-  plain_b = tokenizer(b, add_special_tokens=False)["input_ids"]
-  pair = tokenizer(a, b, return_special_tokens_mask=True)
-  single = tokenizer(a, return_special_tokens_mask=True)
-
-  def split(enc: dict, runs: Sequence[int]) -> list[tuple[int, int]]:
-    """Spans of the special-token runs around len(run) consecutive text tokens."""
-    mask = enc["special_tokens_mask"]
-    spans, pos = [], 0
-    for run in runs:
-      start = pos
-      while pos < len(mask) and mask[pos]:
-        pos += 1
-      spans.append((start, pos))
-      if mask[pos:pos + run] != [0] * run:
-        raise UserError(f"cannot derive the special-token template of {type(tokenizer).__name__}")
-      pos += run
-    spans.append((pos, len(mask)))
-    return spans
-
-  ids = pair["input_ids"]
-  spans = split(pair, [len(plain_a), len(plain_b)])
-  # ALBERT in transformers v5 returns no token_type_ids: use BERT's convention then.
-  types = pair.get("token_type_ids") or [0] * spans[1][1] + [1] * (len(ids) - spans[1][1])
-  single_spans = split(single, [len(plain_a)])
-  return _Template(
-      single=tuple(single["input_ids"][s:e] for s, e in single_spans),
-      pair=tuple(ids[s:e] for s, e in spans),
-      pair_types=tuple(types[s:e] for s, e in spans),
-      type_a=types[spans[0][1]], type_b=types[spans[1][1]])
-
-
 def check_truncation(truncation: str) -> None:
   if truncation not in TRUNCATIONS:
     raise UserError(f"data.truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
@@ -140,24 +96,7 @@ def truncate_lengths(len_a: np.ndarray, len_b: np.ndarray | None, budget: int,
   return keep_a.astype(np.int32), keep_b.astype(np.int32)
 
 
-def _backend(tokenizer: Any):
-  """A copy of the Rust tokenizer with truncation and padding off (we do both ourselves)."""
-  backend = getattr(tokenizer, "backend_tokenizer", None)
-  if backend is None:
-    raise UserError(f"{type(tokenizer).__name__} is not a fast tokenizer (needs tokenizer.json "
-                    "or a vocabulary transformers can convert)")
-  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-  copy = Tokenizer.from_str(backend.to_str())
-  copy.no_truncation()
-  copy.no_padding()
-  return copy
-
-
-def _encode(backend: Any, texts: list[str]) -> list[list[int]]:
-  return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-
-
-def tokenize(tokenizer: Any, examples: Examples, max_length: int, truncation: str,
+def tokenize(tokenizer: Tokenizer, examples: Examples, max_length: int, truncation: str,
              use_token_types: bool) -> Tokenized:
   """Token ids with special tokens, truncated to max_length tokens in total."""
   if not examples.texts:
@@ -166,16 +105,15 @@ def tokenize(tokenizer: Any, examples: Examples, max_length: int, truncation: st
       return Tokenized(empty, empty, empty, tokenizer.pad_token_id or 0)
     raise UserError(f"{examples.source}: no examples to tokenize")
   num_texts = len(examples.texts[0])
-  template = special_template(tokenizer)
+  template = tokenizer.template
   specials = (sum(map(len, template.pair)) if num_texts == 2
               else sum(map(len, template.single)))
   budget = max_length - specials
   if budget < num_texts:
     raise UserError(f"max_length={max_length} leaves no room for text after {specials} "
                     "special tokens")
-  backend = _backend(tokenizer)
-  enc_a = _encode(backend, [t[0] for t in examples.texts])
-  enc_b = _encode(backend, [t[1] for t in examples.texts]) if num_texts == 2 else None
+  enc_a = tokenizer.encode([t[0] for t in examples.texts])
+  enc_b = tokenizer.encode([t[1] for t in examples.texts]) if num_texts == 2 else None
   len_a = np.fromiter(map(len, enc_a), np.int64, len(enc_a))
   len_b = None if enc_b is None else np.fromiter(map(len, enc_b), np.int64, len(enc_b))
   keep_a, keep_b = truncate_lengths(len_a, len_b, budget, truncation)
@@ -210,14 +148,7 @@ def tokenize(tokenizer: Any, examples: Examples, max_length: int, truncation: st
   return Tokenized(np.array(ids, np.int32), type_ids, lengths, 0 if pad_id is None else int(pad_id))
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-  """Identity of a tokenizer: class plus its full serialised vocabulary and pipeline."""
-  backend = getattr(tokenizer, "backend_tokenizer", None)
-  body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-  return hashlib.sha256(f"{type(tokenizer).__name__}\n{body}".encode()).hexdigest()
-
-
-def cache_key(examples: Examples, text_fields: Sequence[Any], tokenizer: Any, max_length: int,
+def cache_key(examples: Examples, text_fields: Sequence[Any], tokenizer: Tokenizer, max_length: int,
               truncation: str, use_token_types: bool) -> str:
   """Hash of everything the cached arrays depend on."""
   path = Path(examples.source)
@@ -228,13 +159,13 @@ def cache_key(examples: Examples, text_fields: Sequence[Any], tokenizer: Any, ma
     origin = [examples.source]
   key = {"version": _CACHE_VERSION, "origin": origin, "n": len(examples),
          **({"rows": [examples.start, examples.total]} if examples.total is not None else {}),
-         "fields": [str(f) for f in text_fields], "tokenizer": tokenizer_fingerprint(tokenizer),
+         "fields": [str(f) for f in text_fields], "tokenizer": tokenizer.fingerprint,
          "max_length": max_length, "truncation": truncation,
          "use_token_types": use_token_types}
   return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def tokenize_cached(cache_dir: str | Path | None, tokenizer: Any, examples: Examples,
+def tokenize_cached(cache_dir: str | Path | None, tokenizer: Tokenizer, examples: Examples,
                     max_length: int, truncation: str, use_token_types: bool,
                     text_fields: Sequence[Any] = ()) -> Tokenized:
   """`tokenize`, reusing `<cache_dir>/tokens-<key>.npz` when it exists (None: no cache)."""
