@@ -63,8 +63,10 @@ class LoopState:
       runs = [{"best": meta["best"], "evals_since_best": meta["evals_since_best"], "last_eval": meta.get("last_eval"),
                "skipped_steps": meta["stats"].get("skipped_steps", 0)}]
     stats = {f.name: meta["stats"][f.name] for f in dataclasses.fields(Stats) if f.name in meta["stats"]}
-    return cls(step=meta.get("step", step), epoch=meta["epoch"], step_in_epoch=meta["step_in_epoch"],
-               mesh=meta.get("mesh"), stats=Stats(**stats), runs=[RunRecord(**r) for r in runs])
+    # Every other field as saved (a field added later starts at its default when resuming an older checkpoint).
+    rest = {f.name: meta[f.name] for f in dataclasses.fields(cls)
+            if f.name not in ("step", "stats", "runs") and f.name in meta}
+    return cls(step=meta.get("step", step), stats=Stats(**stats), runs=[RunRecord(**r) for r in runs], **rest)
 
   def of_run(self, k: int) -> LoopState:
     """The state as run k's own checkpoint holds it (a trial's is that of a run alone)."""

@@ -343,3 +343,23 @@ def test_progress_line_rate_and_eta():
       line]
   now[0] = 61.0
   assert progress.update(1000).startswith("step 1000/1000 [####################] 100.0%")
+
+
+def test_loop_state_survives_the_checkpoint_meta_field_by_field():
+  """Every field of LoopState, its Stats and its RunRecords, set away from its default, comes back from the
+  meta a checkpoint stores (as JSON): a field added to the loop's state cannot be dropped on resume."""
+  import dataclasses
+  from bertjax.loop_state import LoopState, RunRecord, Stats
+
+  def changed(cls, **given):
+    values = {}
+    for k, f in enumerate(dataclasses.fields(cls)):
+      default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+      values[f.name] = given.get(f.name, {int: 7 + k, float: 1.5 + k, str: f"s{k}"}.get(type(default), {"k": k}))
+    return cls(**values)
+
+  runs = [changed(RunRecord), changed(RunRecord, stopped_by="early stopping")]
+  loop = changed(LoopState, stats=changed(Stats), runs=runs)
+  assert loop != LoopState() and all(getattr(loop, f.name) != getattr(LoopState(), f.name)
+                                     for f in dataclasses.fields(LoopState))
+  assert LoopState.from_meta(json.loads(json.dumps(loop.to_meta())), step=0) == loop
