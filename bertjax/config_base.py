@@ -16,7 +16,8 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="auto",  # computation dtype: auto (float32 on CPU, bfloat16 on GPU/TPU) | float32 | bfloat16;
       # parameters and optimizer state stay float32
       matmul_dtype="auto",  # operand dtype of the dense layers' products, summed in float32: auto (the
-      # compute dtype, but bfloat16 under float32 compute on a CPU with AMX-BF16 or AVX512-BF16)
+      # compute dtype, but bfloat16 under float32 compute on a CPU with AMX-BF16 or AVX512-BF16 where bf16
+      # products measured faster than float32 ones: bertjax.matmul_peak, once per machine)
       # | float32 | bfloat16
       attention="auto",  # attention implementation (docs/gpu.md): auto | einsum (scores materialised; the only
       # one with attention dropout) | xla | cudnn (jax.nn.dot_product_attention's; cudnn: CUDA GPUs, bfloat16).

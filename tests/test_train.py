@@ -325,7 +325,7 @@ def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(tmp_path):
     resume.check_resume_compatible(tmp_path, config)
 
 
-def test_auto_matmul_dtype_is_bfloat16_only_with_bf16_dot_instructions(tmp_path, monkeypatch):
+def test_auto_matmul_dtype_is_bfloat16_only_with_bf16_dot_instructions_that_measured_faster(tmp_path, monkeypatch):
   from bertjax.config_base import base_config
   from bertjax.models import config as model_config
   flags = "flags\t\t: fpu avx512f avx512vl {}\n"
@@ -342,8 +342,16 @@ def test_auto_matmul_dtype_is_bfloat16_only_with_bf16_dot_instructions(tmp_path,
   saved["model"]["matmul_dtype"] = "bfloat16"
   (tmp_path / "config.json").write_text(json.dumps(saved))
   resolve = model_config.resolve_matmul_dtype
+  for flags, faster in ((True, False), (False, True)):  # bf16 instructions that measured slower: float32
+    monkeypatch.setattr(model_config, "cpu_has_bf16_dot", lambda: flags)
+    monkeypatch.setattr(model_config, "cpu_bf16_products_faster", lambda: faster)
+    assert resolve("auto", "float32", "cpu") == "float32"
+  monkeypatch.setattr(model_config, "cpu_bf16_products_faster", lambda: pytest.fail("measured without the flags"))
+  monkeypatch.setattr(model_config, "cpu_has_bf16_dot", lambda: False)
+  assert resolve("auto", "float32", "cpu") == "float32"
   for amx in (True, False):
     monkeypatch.setattr(model_config, "cpu_has_bf16_dot", lambda amx=amx: amx)
+    monkeypatch.setattr(model_config, "cpu_bf16_products_faster", lambda: True)
     assert resolve("auto", "float32", "cpu") == ("bfloat16" if amx else "float32")
     assert resolve("auto", "bfloat16", "cpu") == resolve("auto", "bfloat16", "gpu") == "bfloat16"
     assert resolve("auto", "float32", "gpu") == "float32" and resolve("float32", "float32", "cpu") == "float32"

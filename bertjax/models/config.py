@@ -301,18 +301,28 @@ def cpu_has_bf16_dot(cpuinfo: str = "/proc/cpuinfo") -> bool:
   return flags is not None and not set(BF16_DOT_FLAGS).isdisjoint(flags.split())
 
 
+def cpu_bf16_products_faster() -> bool:
+  """Whether this machine's bf16 matmul peak beats its float32 one (bertjax.matmul_peak's measurement, made once
+  per machine and cached). Not every CPU with bf16 dot instructions gains: an Intel Xeon with AVX512-BF16 and no
+  AMX measured 179 against 283 GFLOP/s on 2026-12-07 (docs/performance.md)."""
+  from bertjax import matmul_peak  # pylint: disable=import-outside-toplevel
+  return matmul_peak.cached_measurement("bfloat16")[0] > matmul_peak.cached_measurement("float32")[0]
+
+
 def resolve_matmul_dtype(name: str, dtype: str, backend: str | None = None) -> str:
   """The operand dtype of the matrix products for `model.matmul_dtype`, given the resolved compute dtype.
 
-  `auto` is the compute dtype, except float32 compute on a CPU with bf16 dot instructions, where it is
-  bfloat16: products round their operands to bf16 and sum in float32 (a TPU's default precision)."""
+  `auto` is the compute dtype, except float32 compute on a CPU with bf16 dot instructions whose measured bf16
+  peak beats its float32 one, where it is bfloat16: products round their operands to bf16 and sum in float32
+  (a TPU's default precision)."""
   if name not in DTYPES:
     raise UserError(f"model.matmul_dtype must be one of {', '.join(DTYPES)}, got {name!r}")
   if name == "auto":
     if backend is None:
       import jax
       backend = jax.default_backend()
-    name = "bfloat16" if dtype == "float32" and backend == "cpu" and cpu_has_bf16_dot() else dtype
+    bf16 = dtype == "float32" and backend == "cpu" and cpu_has_bf16_dot() and cpu_bf16_products_faster()
+    name = "bfloat16" if bf16 else dtype
   if name != dtype and dtype != "float32":
     raise UserError(f"model.matmul_dtype={name} needs model.dtype float32 (or the same dtype), got {dtype}")
   return name
