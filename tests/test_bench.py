@@ -145,3 +145,46 @@ def test_input_only_times_the_host_pipeline_over_whole_epochs(tmp_path):
     assert r[f"{part}_examples_per_sec"] == pytest.approx(300 / s[part]) and s[part] > 0
   assert r["mean_examples_per_step"] == pytest.approx(300 / r["steps_per_epoch"])
   assert abs(r["mean_examples_per_step"] - 16) < 1.5 and 0 <= r["padding_fraction_epoch0"] < 0.2
+
+
+def test_attention_bench_times_each_implementation_on_well_formed_packed_rows(tmp_path):
+  """bertjax.bench.attention: its rows are packed as the batcher packs (contiguous segments whose positions restart
+  at 0, a slot per example pointing at its first token), and it reports every implementation and kind."""
+  from bertjax.bench import attention
+  f = attention.packed_rows(6).fields()
+  for r in range(6):
+    seg, k = f["segment_ids"][r], int(f["example_mask"][r].sum())
+    filled = int((seg > 0).sum())
+    assert k >= 2 and seg.max() == k and (seg[:filled] > 0).all() and (np.diff(seg[:filled]) >= 0).all()
+    for j in range(k):
+      where = np.flatnonzero(seg == j + 1)
+      assert f["cls_index"][r, j] == where[0] and (f["position_ids"][r, where] == np.arange(len(where))).all()
+      assert f["example_ids"][r, j] == r * attention.SLOTS + j and f["labels"][r, j] in (0.0, 1.0)
+    assert (f["example_ids"][r, k:] == -1).all()
+  out = tmp_path / "attention.json"
+  model = tiny_bert_with_tokenizer(tmp_path / "model")
+  result = attention.main(["--rows", "2", "--repeats", "2", "--calls", "1", "--model", str(model),
+                           "--json", str(out)])
+  keys = {f"{kind}_rows2_{impl}" for kind in ("train", "eval") for impl in ("einsum", "xla")}
+  assert set(result["ms"]) == set(result["ratios"]) == keys and min(result["ms"].values()) > 0
+  assert result["ratios"]["train_rows2_einsum"] == [1.0, 1.0] and len(result["ratios"]["eval_rows2_xla"]) == 2
+  assert json.loads(out.read_text()) == result
+
+
+@pytest.mark.slow
+def test_trial_group_bench_trains_the_same_trials_both_ways(tmp_path):
+  """bertjax.bench.trial_group: K single runs and the K-trial group reach the same final eval losses, and the
+  report's speed-ups are the ratios of the times it measured."""
+  from bertjax.bench import trial_group
+  out = tmp_path / "group.json"
+  report = trial_group.main(["--k", "2", "--steps", "12", "--train_rows", "64", "--eval_rows", "16",
+                             "--matmul_dtype", "float32", "--root", str(tmp_path / "runs"), "--out", str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  assert report["num_train_examples"] == 64 and report["num_eval_examples"] == 16 and report["k"] == 2
+  losses = report["sequential"]["final_eval_loss"]
+  # Two learning rates: two different trials (1e-4 apart after 12 steps), each trained alike both ways (1e-9).
+  assert len(losses) == 2 and abs(losses[0] - losses[1]) > 3e-5
+  assert report["max_abs_final_eval_loss_diff"] < 3e-6
+  seq, group = report["sequential"], report["group"]
+  assert report["speedup_wall"] == pytest.approx(seq["wall_seconds"] / group["wall_seconds"])
+  assert min(seq["train_seconds"], group["train_seconds"], group["compile_seconds"]) > 0

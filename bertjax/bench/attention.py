@@ -1,19 +1,22 @@
 """Times the attention implementations (`model.attention`) side by side in one process: the MiniLM train
 step and eval forward on packed rows, alternating implementations so load drifts hit all alike.
 
-  python -m bertjax.bench.attention [--rows 5,43] [--repeats 5] [--calls 10] [--impls einsum,xla]
+  python -m bertjax.bench.attention [--rows 5,43] [--repeats 5] [--calls 10] [--impls einsum,xla] \
+      [--model FOLDER (default all-MiniLM-L6-v2)] [--json OUT]
 
 Rows of 80 tokens, as SST-2 packed at batch 32 (5 rows) and 256 (43 rows) when this was measured, hold
 examples of SST-2-like lengths (4-66 tokens, mean ~14, at most 16 per row). Both implementations train
 without attention dropout (the fused ones have none); hidden dropout stays on. Prints median milliseconds
 per call, the median over repeats of each repeat's ratio to the first implementation (with their range),
-and JSON.
+and JSON (also written to --json).
 """
 
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -61,15 +64,17 @@ def median_ms(fn, args, calls: int) -> float:
   return 1000 * statistics.median(times)
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
   p = argparse.ArgumentParser()
   p.add_argument("--rows", default="5,43")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--calls", type=int, default=10)
   p.add_argument("--impls", default="einsum,xla")
-  args = p.parse_args()
+  p.add_argument("--model", default="", help="a BERT-layout model folder (default: all-MiniLM-L6-v2)")
+  p.add_argument("--json", default="", help="also write the result here")
+  args = p.parse_args(sys.argv[1:] if argv is None else argv)
   impls = args.impls.split(",")
-  loaded = models.load(config_base.minilm_path(), num_labels=2)
+  loaded = models.load(args.model or config_base.minilm_path(), num_labels=2)
   cfg = loaded.cfg.replace(attention_dropout=0.0, matmul_dtype=resolve_matmul_dtype("auto", "float32"))
   plan = optim.plan_optimizer(config_base.base_config().optimizer, total_steps=1000, global_batch_size=32)
   tx, schedule = optim.build_optimizer(plan, plan.hparams, loaded.params)
@@ -105,6 +110,9 @@ def main():
         print(f"{kind:5s} [{rows}, {length}] {impl:7s} {ms:8.1f} ms  {statistics.median(ratios):.3f}x {impls[0]} "
               f"(repeats {ratios[0]:.3f}-{ratios[-1]:.3f})", flush=True)
   print(json.dumps(result))
+  if args.json:
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+  return result
 
 
 if __name__ == "__main__":

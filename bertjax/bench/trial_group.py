@@ -77,16 +77,18 @@ def timing(summaries: list[dict], wall: float) -> dict:
           "final_eval_loss": [s["final"]["eval_loss"] for s in summaries]}
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", choices=("tiny", "minilm"), default="tiny")
   p.add_argument("--k", type=int, default=4)
   p.add_argument("--steps", type=int, default=40)
   p.add_argument("--train_rows", type=int, default=0, help="0 = 512 (tiny) / 2000 (minilm)")
   p.add_argument("--eval_rows", type=int, default=0, help="0 = 100 (tiny) / 200 (minilm)")
+  p.add_argument("--matmul_dtype", default="auto", help="model.matmul_dtype of every run")
   p.add_argument("--root", default="/tmp/bench_trial_group")
   p.add_argument("--out", required=True)
-  args = p.parse_args()
+  args = p.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.ERROR)
   from bertjax import trainer, trial_group
@@ -95,6 +97,7 @@ def main():
   shutil.rmtree(root, ignore_errors=True)
   root.mkdir(parents=True)
   base = (tiny_setup if args.model == "tiny" else minilm_setup)(root, args)
+  base.model.matmul_dtype = args.matmul_dtype
   cfgs = configs(base, root, args)
   load_before = os.getloadavg()
 
@@ -107,7 +110,7 @@ def main():
 
   s0 = singles[0]
   report = {
-      "command": " ".join([sys.executable, *sys.argv]),
+      "command": " ".join([sys.executable, "-m", "bertjax.bench.trial_group", *argv]),
       "model": args.model, "k": args.k, "steps": args.steps, "global_batch_size": s0["global_batch_size"],
       "max_length": cfgs[0].data.max_length, "num_train_examples": s0["num_train_examples"],
       "num_eval_examples": s0["num_eval_examples"],
@@ -121,6 +124,7 @@ def main():
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
   print(json.dumps({k: report[k] for k in ("speedup_wall", "speedup_train", "max_abs_final_eval_loss_diff")}))
+  return report
 
 
 if __name__ == "__main__":
