@@ -27,6 +27,8 @@ from bertjax.files import atomic_write
 from bertjax.models.config import cpuinfo_value
 
 
+# CPU flags that change the matmul peak between CPUs of one model name.
+MATRIX_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx2")
 MIN_SECONDS, REPEATS = 0.2, 3  # each timing of the measured loop lasts at least MIN_SECONDS; best of REPEATS
 
 
@@ -121,10 +123,14 @@ def cache_file() -> Path:
 
 
 def _cache_key(dtype: str) -> str:
-  """What a measured peak depends on: backend, device kind, CPU model and cores, operand dtype, jax version."""
+  """What a measured peak depends on: backend, device kind, CPU model, its matrix instructions and cores, operand
+  dtype, jax version. The instructions tell apart CPUs of one model name (cloud VMs report "Intel(R) Xeon(R)
+  Processor" with AMX or without)."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  flags = set((cpuinfo_value("flags") or "").split())
+  units = ",".join(f for f in MATRIX_FLAGS if f in flags) or "no bf16/amx"
   return " | ".join([jax.default_backend(), jax.devices()[0].device_kind, cpuinfo_value("model name") or "?",
-                     f"{cores} cores", dtype, f"jax {jax.__version__}"])
+                     units, f"{cores} cores", dtype, f"jax {jax.__version__}"])
 
 
 def _read(path: Path) -> dict:

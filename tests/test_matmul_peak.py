@@ -83,6 +83,19 @@ def test_the_measurement_is_cached_per_machine_and_dtype(measured, tmp_path, mon
   assert f"jax {jax.__version__}" in key and key.startswith("cpu | cpu | ") and entries[key]["flops_per_device"] == 1e11
 
 
+def test_cpus_of_one_model_name_with_other_matrix_units_measure_apart(measured, tmp_path, monkeypatch):
+  """Cloud VMs name an Intel Xeon with AMX and one without alike: the cached figure of one is not the other's."""
+  path = tmp_path / "peak.json"
+  for flags in ("fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "fpu avx2 avx512f avx512_bf16"):
+    cpuinfo = {"model name": "Intel(R) Xeon(R) Processor", "flags": flags}
+    monkeypatch.setattr(matmul_peak, "cpuinfo_value", lambda name, info=cpuinfo: info[name])
+    matmul_peak.run_peak("bfloat16", path)
+    matmul_peak.run_peak("bfloat16", path)  # cached
+  keys = sorted(json.loads(path.read_text()))
+  assert measured == ["bfloat16", "bfloat16"] and len(keys) == 2
+  assert "amx_tile,amx_bf16,avx512_bf16,avx512f,avx2" in keys[0] + keys[1] and "| avx512_bf16,avx512f,avx2 |" in keys[1]
+
+
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"cpu | x": {"flops_per_device": "fast"}}'])
 def test_a_corrupt_cache_is_rebuilt(measured, tmp_path, content):
   path = tmp_path / "peak.json"
