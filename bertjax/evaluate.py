@@ -61,7 +61,7 @@ class Evaluator:
       out[ids[real]] = logits[real]
       seen[ids[real]] = True
 
-    batches = Prefetch(batcher.iterate(0), lambda b: sharding.global_batch(b, self.batch_sharding))
+    batches = Prefetch(batcher.iterate(0), lambda chunk: sharding.global_batches(chunk, self.batch_sharding))
     try:
       for batch in batches:
         current = self.step(params, batch)

@@ -353,7 +353,7 @@ def _open(runs: Runs) -> tuple[Session, TrainState, LoopState]:
     log(line)
   batcher, batch_sharding = lead.data.train.batcher, sharding.batch_sharding(lead.mesh)
   batches = Prefetch(batcher.stream(loop.epoch, loop.step_in_epoch, lead.total_steps - loop.step),
-                     lambda b: sharding.global_batch(b, batch_sharding))
+                     lambda chunk: sharding.global_batches(chunk, batch_sharding))
   s = Session(runs, checkpoints, logs, CompiledByShape(runs.jit_train_step(), "train step", log),
               Evaluator(lead.eval_model, lead.mesh, runs.param_shardings), batches,
               run_log.Progress(lead.total_steps, is_primary=lead.is_primary,

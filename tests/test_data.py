@@ -724,8 +724,10 @@ def test_prefetch_keeps_order_chunks_and_reraises_after_the_items_before_the_err
       yield i
 
   for chunk in (1, 3, 16):
-    got = Prefetch(source(50), lambda x: x * 10, chunk=chunk)
+    sizes = []
+    got = Prefetch(source(50), lambda items: sizes.append(len(items)) or [10 * x for x in items], chunk=chunk)
     assert list(got) == [10 * i for i in range(50)] and next(got, "done") == "done"
+    assert sum(sizes) == 50 and max(sizes) <= chunk  # each chunk transformed once, as a whole
     got.close()
   failing = Prefetch(source(20, fail_at=7), chunk=4)
   seen = []

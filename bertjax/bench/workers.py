@@ -70,7 +70,7 @@ class JaxSide:
     from bertjax import sharding
     from bertjax.data.prefetch import Prefetch
     return Prefetch(self.batcher.stream(*positions[0], len(positions)),
-                    lambda b: sharding.global_batch(b, self.batch_sharding))
+                    lambda chunk: sharding.global_batches(chunk, self.batch_sharding))
 
   def train(self, positions: list[tuple[int, int]]) -> tuple[float, float]:
     """(seconds without compilation, last loss) of the steps at `positions`."""
