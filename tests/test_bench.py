@@ -147,9 +147,9 @@ def test_input_only_times_the_host_pipeline_over_whole_epochs(tmp_path):
   assert abs(r["mean_examples_per_step"] - 16) < 1.5 and 0 <= r["padding_fraction_epoch0"] < 0.2
 
 
-def test_attention_bench_times_each_implementation_on_well_formed_packed_rows(tmp_path):
-  """bertjax.bench.attention: its rows are packed as the batcher packs (contiguous segments whose positions restart
-  at 0, a slot per example pointing at its first token), and it reports every implementation and kind."""
+def test_attention_bench_packs_rows_as_the_batcher_does():
+  """bertjax.bench.attention's rows: contiguous segments whose positions restart at 0, a slot per example
+  pointing at its first token."""
   from bertjax.bench import attention
   f = attention.packed_rows(6).fields()
   for r in range(6):
@@ -161,6 +161,12 @@ def test_attention_bench_times_each_implementation_on_well_formed_packed_rows(tm
       assert f["cls_index"][r, j] == where[0] and (f["position_ids"][r, where] == np.arange(len(where))).all()
       assert f["example_ids"][r, j] == r * attention.SLOTS + j and f["labels"][r, j] in (0.0, 1.0)
     assert (f["example_ids"][r, k:] == -1).all()
+
+
+@pytest.mark.slow
+def test_attention_bench_times_each_implementation(tmp_path):
+  """`python -m bertjax.bench.attention` on a tiny BERT: every implementation and kind reported, JSON written."""
+  from bertjax.bench import attention
   out = tmp_path / "attention.json"
   model = tiny_bert_with_tokenizer(tmp_path / "model")
   result = attention.main(["--rows", "2", "--repeats", "2", "--calls", "1", "--model", str(model),
