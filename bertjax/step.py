@@ -141,20 +141,22 @@ def jit_train_step(step_fn: Callable, state_shardings, mesh) -> Callable:
 # 89-101 in micro-batches of 12-168 rows (984-13,776 tokens), alternating in one process (docs/large_batch.md).
 # The budget holds for a wider model too: BERT-base (hidden 768) on rows of 108 ran a step of 4 rows in 1058 ms
 # as one micro-batch (432 tokens) against 1213 ms as two, and 8 rows in 2056 ms as two against 2274 ms as one and
-# 2220 ms as four (Intel Xeon, float32, 2026-12-07; docs/performance.md).
-CPU_MICROBATCH_TOKENS = 512
+# 2220 ms as four (Intel Xeon, float32, 2026-12-07; docs/performance.md). Narrower models (the tests' hidden 32)
+# keep proportionally more tokens: their activations per token are smaller.
+CPU_MICROBATCH_TOKENS, CPU_MICROBATCH_WIDTH = 512, 384
 
 
-def auto_accumulation(rows_per_device: int, row_length: int, backend: str) -> int:
+def auto_accumulation(rows_per_device: int, row_length: int, hidden_size: int, backend: str) -> int:
   """`train.grad_accum_steps=auto`: how many micro-batches a step's rows on one device are split into.
 
   On accelerators, 1: the largest micro-batch is the fastest one that fits. On a CPU, the fewest
-  micro-batches (a divisor of the rows, so none gets empty rows) of at most CPU_MICROBATCH_TOKENS tokens;
-  the gradient is the same sum either way."""
+  micro-batches (a divisor of the rows, so none gets empty rows) of at most CPU_MICROBATCH_TOKENS tokens, times
+  CPU_MICROBATCH_WIDTH / hidden_size for a narrower model; the gradient is the same sum either way."""
   if backend != "cpu" or rows_per_device <= 1:
     return 1
+  budget = CPU_MICROBATCH_TOKENS * max(1.0, CPU_MICROBATCH_WIDTH / hidden_size)
   for steps in range(1, rows_per_device + 1):
-    if rows_per_device % steps == 0 and rows_per_device // steps * row_length <= CPU_MICROBATCH_TOKENS:
+    if rows_per_device % steps == 0 and rows_per_device // steps * row_length <= budget:
       return steps
   return rows_per_device
 

@@ -98,7 +98,7 @@ def build_inputs(config: ml_collections.ConfigDict, workdir: Path, cache_dir: Pa
   batcher = data.train.batcher
   rows = batcher.rows_per_step // data_devices  # each device's rows per step, split into the micro-batches
   if accum == "auto":
-    accum = auto_accumulation(rows, batcher.row_length, jax.default_backend())
+    accum = auto_accumulation(rows, batcher.row_length, base_cfg.hidden_size, jax.default_backend())
   elif rows % accum:
     raise UserError(f"train.grad_accum_steps={accum} must divide the {rows} rows each device gets per step "
                     f"(batch {tc.global_batch_size}{', packed' if config.data.packing else ''}); "

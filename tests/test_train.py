@@ -371,11 +371,13 @@ def test_auto_matmul_dtype_is_bfloat16_only_with_bf16_dot_instructions_that_meas
 def test_auto_accumulation_splits_cpu_steps_into_cache_sized_micro_batches():
   from bertjax.step import auto_accumulation
   # MiniLM (hidden 384) at batch 1024 on SST-2: 168 rows of 82 -> 28 micro-batches of 6 rows (492 tokens).
-  assert auto_accumulation(168, 82, "cpu") == 28  # 6 rows (492 tokens) each
-  assert auto_accumulation(4, 108, "cpu") == 1  # batch 32: 432 tokens already fit
-  assert auto_accumulation(8, 108, "cpu") == 2
-  assert auto_accumulation(7, 100, "cpu") == 7  # only divisors: 1 row each rather than empty rows
-  assert auto_accumulation(168, 82, "gpu") == auto_accumulation(168, 82, "tpu") == 1
+  assert auto_accumulation(168, 82, 384, "cpu") == 28  # 6 rows (492 tokens) each
+  assert auto_accumulation(168, 82, 768, "cpu") == 28  # base models too (they took 3 rows when written)
+  assert auto_accumulation(4, 108, 768, "cpu") == 1  # batch 32: 432 tokens already fit
+  assert auto_accumulation(8, 108, 768, "cpu") == 2
+  assert auto_accumulation(8, 108, 96, "cpu") == 1  # a model 4x narrower keeps 4x the tokens
+  assert auto_accumulation(7, 100, 384, "cpu") == 7  # only divisors: 1 row each rather than empty rows
+  assert auto_accumulation(168, 82, 384, "gpu") == auto_accumulation(168, 82, 384, "tpu") == 1
 
 
 @pytest.mark.slow
@@ -384,12 +386,12 @@ def test_auto_accumulation_trains_what_the_same_explicit_setting_trains(setup, t
   splits its steps), says so at start, and trains exactly what that explicit number trains (float32 products)."""
   from bertjax import step
   _, data, model = setup
-  monkeypatch.setattr(step, "CPU_MICROBATCH_TOKENS", 200)
+  monkeypatch.setattr(step, "CPU_MICROBATCH_TOKENS", 200 * 32 / 384)  # 200 tokens at the tiny model's hidden 32
   common = {"train.max_steps": 3, "model.matmul_dtype": "float32", "train.global_batch_size": 64}
   auto = trainer.Trainer(demo_config(data, model, **common), str(tmp_path / "auto"))
   rows = auto.data.train.batcher.rows_per_step
   chosen = auto.grad_accum_steps
-  assert chosen == step.auto_accumulation(rows, auto.data.train.batcher.row_length, "cpu") > 1
+  assert chosen == step.auto_accumulation(rows, auto.data.train.batcher.row_length, 32, "cpu") > 1
   assert rows % chosen == 0 and rows // chosen * auto.data.train.batcher.row_length <= 200
   assert f"{chosen} accumulated micro-batches of {rows // chosen} rows per device (auto)" in run_summary.start_lines(auto, 0)[2]
   auto.run()
