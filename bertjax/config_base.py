@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every_steps=0,  # 0 = each epoch
       log_every_steps=50,
       checkpoint_every_steps=0,  # 0 = at each eval and at the end
+      # also a checkpoint at the first log step (train.log_every_steps) at least this many minutes of the run's
+      # wall time after the last one (process 0's clock decides); 0 = off
+      checkpoint_every_minutes=0.0,
       best_metric="eval_loss",  # what picks the best checkpoint, stops early and ranks a sweep's trials:
       # eval_loss (lowest) | accuracy | macro_f1 | mcc (classification) | pearson | spearman (regression; highest)
       early_stopping_patience=0,  # evals without a better best_metric before stopping; 0 = off
@@ -165,6 +168,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                     f"got {weights!r}")
   if task == "regression" and weights != "none":
     raise UserError(f"train.class_weights={weights!r} needs a classification task, not regression")
+  minutes = train.checkpoint_every_minutes
+  if (not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or not math.isfinite(minutes)
+      or minutes < 0):
+    raise UserError(f"train.checkpoint_every_minutes must be a number >= 0 (0: off), got {minutes!r}")
   if not (config.model.reinit_head == "auto" or isinstance(config.model.reinit_head, bool)):
     raise UserError(f"model.reinit_head must be auto, true or false, got {config.model.reinit_head!r}")
 

@@ -45,6 +45,9 @@ class LoopState:
   epoch: int = 0
   step_in_epoch: int = 0
   mesh: dict | None = None  # the device mesh's shape it was saved on (a resume may run on other devices)
+  # stats.wall_seconds when the last checkpoint was saved (train.checkpoint_every_minutes); None: a checkpoint
+  # written before this field existed, whose stats.wall_seconds is that time
+  last_save_wall_seconds: float | None = None
   stats: Stats = dataclasses.field(default_factory=Stats)
   runs: list[RunRecord] = dataclasses.field(default_factory=lambda: [RunRecord()])
 

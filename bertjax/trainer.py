@@ -297,6 +297,8 @@ def train(runs: Runs) -> list[dict]:
       evaluate = has_eval and (last or (due(step, tc.eval_every_steps) if tc.eval_every_steps else epoch_end))
       save = last or evaluate or due(step, tc.checkpoint_every_steps)
       log_now = save or due(step, tc.log_every_steps)  # a saved step ends a log window: a resume logs the same lines
+      if log_now and not save and tc.checkpoint_every_minutes:  # a clock's decision: only at log steps
+        save = _minutes_due(s, loop, tc.checkpoint_every_minutes)
       if log_now:
         _log(s, loop)
       if evaluate:
@@ -344,6 +346,8 @@ def _open(runs: Runs) -> tuple[Session, TrainState, LoopState]:
     loop = LoopState(runs=[RunRecord() for _ in runs.trainers])
     for run in runs.trainers:
       run.write_run_files()
+  if loop.last_save_wall_seconds is None:  # fresh (0), or a checkpoint saved before the field existed
+    loop.last_save_wall_seconds = loop.stats.wall_seconds
   loop.mesh = dict(lead.mesh.shape)  # what its checkpoints record from now on
   logs = [run_log.RunLog(str(run.workdir), lead.is_primary) for run in runs.trainers]
   for run, runlog in zip(runs.trainers, logs):
@@ -457,7 +461,21 @@ def _checkpoint(s: Session, loop: LoopState, state: TrainState) -> None:
   which = [k for k in loop.training() if s.checkpoints[k].latest_step() != loop.step]
   if which:
     _clock(s, loop)
+    loop.last_save_wall_seconds = loop.stats.wall_seconds  # before the save, which stores it
     s.runs.save(state, loop, s.checkpoints, which)
+
+
+def _minutes_due(s: Session, loop: LoopState, minutes: float) -> bool:
+  """Whether train.checkpoint_every_minutes makes this step a save step: at least `minutes` of the run's wall
+  time (over every session) since the last checkpoint, by process 0's clock. Collective with several processes:
+  call it only where all of them do (log steps)."""
+  mine = _wall_seconds(s) - loop.last_save_wall_seconds >= 60 * minutes
+  return bool(sharding.from_process_zero(np.array([mine], np.int32))[0])
+
+
+def _wall_seconds(s: Session) -> float:
+  """The run's wall time: its earlier sessions' and this one's so far."""
+  return s.earlier.wall_seconds + time.time() - s.runs.lead.wall_start
 
 
 def _maybe_stop(s: Session, loop: LoopState, may_exchange: bool) -> str | None:
@@ -480,7 +498,7 @@ def _maybe_stop(s: Session, loop: LoopState, may_exchange: bool) -> str | None:
 def _clock(s: Session, loop: LoopState) -> None:
   """The stats' wall time and compilations: the earlier sessions' and this one's."""
   compiled = (s.train_step, s.evaluator.step)
-  loop.stats.wall_seconds = s.earlier.wall_seconds + time.time() - s.runs.lead.wall_start
+  loop.stats.wall_seconds = _wall_seconds(s)
   loop.stats.num_compilations = s.earlier.num_compilations + sum(c.num_compilations for c in compiled)
   loop.stats.compile_seconds = s.earlier.compile_seconds + sum(c.compile_seconds for c in compiled)
 

@@ -256,6 +256,7 @@ def test_packaged_minilm_offline_and_overrides_never_need_it(monkeypatch, tmp_pa
     ({"train.class_weights": (1.0, 2.0, 3.0)}, "train.class_weights has 3 weights for the 2 classes"),
     ({"train.class_weights": "balanced", "data.task": "regression"}, "needs a classification task"),
     ({"model.reinit_head": "yes"}, "model.reinit_head must be auto, true or false, got 'yes'"),
+    ({"train.checkpoint_every_minutes": -1.0}, r"train.checkpoint_every_minutes must be a number >= 0 \(0: off\), got -1.0$"),
     ({"data.train": ""}, r"data.train is not set: add --config.data.train=PATH"),
     ({"data.task": "ner"}, r"data.task must be one of classification, regression, got 'ner'"),
 ])

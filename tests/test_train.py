@@ -267,6 +267,32 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(setup, tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(kept.params))
 
 
+def test_checkpoint_every_minutes_saves_at_the_first_log_step_once_due(setup, tmp_path, monkeypatch):
+  """Saves at 10 (eval) and 12 (end); the clock jumps 2 minutes after step 7, so log step 9 saves too, once."""
+  from bertjax import checkpoint as ckpt_lib
+  _, data, model = setup
+  jump, saved, save = [0.0], [], ckpt_lib.Checkpoints.save
+  wall, advance = trainer._wall_seconds, trainer._advance
+
+  def advance_and_jump(s, loop, batch):
+    out = advance(s, loop, batch)
+    if loop.step == 7:
+      jump[0] = 120.0
+    return out
+
+  def save_and_record(self, step, *args, **kwargs):
+    saved.append((step, args[1]["last_save_wall_seconds"]))
+    return save(self, step, *args, **kwargs)
+  monkeypatch.setattr(trainer, "_advance", advance_and_jump)
+  monkeypatch.setattr(trainer, "_wall_seconds", lambda s: wall(s) + jump[0])
+  monkeypatch.setattr(ckpt_lib.Checkpoints, "save", save_and_record)
+  trainer.train_and_evaluate(demo_config(data, model, **{
+      "train.max_steps": 12, "train.eval_every_steps": 10, "train.log_every_steps": 3,
+      "train.checkpoint_every_minutes": 1.0}), str(tmp_path / "w"))
+  assert [step for step, _ in saved] == [9, 10, 12]
+  assert saved[0][1] >= 120.0  # the meta records the save's wall time, which a resume counts from
+
+
 def test_resume_check_tolerates_keys_added_later_at_their_default(tmp_path):
   """A workdir from an older version (its config.json lacks a newer key) still resumes, unless the
   new key is set to something other than its default."""
