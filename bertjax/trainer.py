@@ -37,7 +37,7 @@ from bertjax.loop_state import LoopState, RunRecord, Stats
 from bertjax.metrics import is_better
 from bertjax.models import hf_weights
 from bertjax.models.config import from_hf_config, resolve_attention, resolve_attention_dropout, resolve_dtypes
-from bertjax.models.heads import SequenceClassifier
+from bertjax.models.heads import SequenceClassifier, start_at_mean
 from bertjax.run_log import log
 from bertjax.runs import Runs, SingleRun
 from bertjax.step import (CompiledByShape, TrainState, auto_accumulation, class_weight_vector, make_train_step,
@@ -113,6 +113,13 @@ class Trainer:
   data and model settings (`build_inputs`); else they are built here, the data tokenized into `cache_dir`
   (default: the workdir's cache folder; `token_cache=False`: no cache, so that nothing is written)."""
 
+  # The run's inputs, read where they live (`self.inputs`).
+  mesh = property(lambda self: self.inputs.mesh)
+  folder = property(lambda self: self.inputs.folder)
+  tokenizer = property(lambda self: self.inputs.tokenizer)
+  data = property(lambda self: self.inputs.data)
+  grad_accum_steps = property(lambda self: self.inputs.grad_accum_steps)
+
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, inputs: RunInputs | None = None,
                cache_dir: Path | None = None, token_cache: bool = True):
     workdir_existed = Path(workdir).exists()
@@ -145,10 +152,10 @@ class Trainer:
     self._resolve_attention(from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json")))
     self.inputs = inputs or build_inputs(config, self.workdir,
                                          (cache_dir or self.workdir / "cache") if token_cache else None)
-    self.mesh, self.folder, self.tokenizer = self.inputs.mesh, self.inputs.folder, self.inputs.tokenizer
-    self.data, self.grad_accum_steps = self.inputs.data, self.inputs.grad_accum_steps
     self.loaded = hf_weights.load(str(self.folder), num_labels=self.data.num_labels, dtype=self.dtype,
                                   seed=tc.seed, reinit_head=config.model.reinit_head)
+    if self.data.task == "regression" and self.loaded.fresh_head:
+      self.loaded.notes.append(start_at_mean(self.loaded.params, self.data.train.labels))
     if not ckpt_lib.steps_on_disk(self.workdir / "checkpoints"):  # else the head comes from the checkpoint
       for note in self.loaded.notes:
         log(f"model: {note}")

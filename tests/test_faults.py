@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bertjax import trainer
+from bertjax.models.heads import start_at_mean
 from bertjax.workdir import load_run
 from conftest import SHARED_DATA, demo_setup
 from test_train import REPO, demo_config
@@ -106,7 +107,7 @@ def test_early_stopping(setup):
   assert summary["best"]["step"] == 4
 
 
-def test_regression_on_stsb_pairs(setup, tmp_path):
+def test_regression_on_stsb_pairs(setup, tmp_path, capsys):
   _, _, model = setup
   rows = (SHARED_DATA / "glue_stsb" / "train.tsv").read_text().splitlines()
   (tmp_path / "train.tsv").write_text("\n".join(rows[:257]) + "\n")
@@ -120,9 +121,20 @@ def test_regression_on_stsb_pairs(setup, tmp_path):
            if '"eval"' in l]
   assert summary["num_eval_examples"] == 65 and {"mse", "pearson", "spearman"} <= set(evals[-1])
   scores = np.array([float(r.split("\t")[-1]) for r in rows[300:365]])
-  # Scores are 0-5; an untrained head predicts ~0. Training must at least learn their scale.
+  # Scores are 0-5; a fresh head starts at the training scores' mean (models.heads.start_at_mean), not at 0.
+  train_scores = [float(r.split("\t")[-1]) for r in rows[1:257]]
+  start = next(l for l in capsys.readouterr().err.splitlines() if "regression head" in l)
+  assert start.endswith(f"starts at the training labels' mean, {np.mean(train_scores):.4g}"), start
   assert evals[-1]["mse"] < 0.75 * np.mean(scores ** 2)
   assert json.loads((tmp_path / "w" / "labels.json").read_text())["label_names"] is None
+
+
+def test_a_fresh_regression_head_starts_at_the_labels_mean():
+  params = {"head": {"out": {"kernel": np.ones((4, 1), np.float32), "bias": np.zeros(1, np.float32)}}}
+  note = start_at_mean(params, np.array([0.5, 2.0, 4.0]))
+  assert params["head"]["out"]["bias"].dtype == np.float32 and note.endswith("mean, 2.167")
+  np.testing.assert_allclose(params["head"]["out"]["bias"], [6.5 / 3], rtol=1e-7)
+  np.testing.assert_array_equal(params["head"]["out"]["kernel"], np.ones((4, 1)))
 
 
 @pytest.mark.slow

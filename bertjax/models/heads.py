@@ -4,6 +4,7 @@ its tokens (ModernBERT's `classifier_pooling: mean`)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bertjax.models.config import EncoderConfig
 from bertjax.models.dropout import Dropout
@@ -32,6 +33,16 @@ class Head(nn.Module):
         x = layer_norm(cfg, "norm")(x)
     x = Dropout(cfg.classifier_dropout)(x, deterministic=deterministic)
     return dense(cfg, cfg.num_labels, "out")(x)
+
+
+def start_at_mean(params: dict, labels: np.ndarray) -> str:
+  """Sets a fresh regression head's output bias to the training labels' mean (in `params`), so that its first
+  steps learn the order of the scores, not their offset: STS-B at batch 1024 (18 steps) reached dev Pearson 0.78
+  from this start and -0.04 from a zero bias (docs/large_batch.md). Returns the note for the start lines."""
+  mean = float(np.mean(labels))
+  bias = params["head"]["out"]["bias"]
+  params["head"]["out"]["bias"] = np.full(bias.shape, mean, bias.dtype)
+  return f"the new regression head starts at the training labels' mean, {mean:.4g}"
 
 
 def mean_over_segments(x_BxLxH: jax.Array, segment_ids_BxL: jax.Array, cls_index_BxS: jax.Array) -> jax.Array:
