@@ -21,14 +21,22 @@ def _peak_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory):
-  """The runs a test starts in this process share compiled steps, as the command line's runs do
-  (cli_setup's --compilation_cache): many tests train the same tiny model, and compiling is most of a tiny
-  run's time. Every compile is kept (jax keeps only those over a second by default); one folder per pytest
-  worker. Not for the processes the tests start: there, writing every small compile costs more than it saves
-  (scripts/gpu_smoke.sh --cpu: 52 s against 35 s)."""
+  """The runs the tests start share compiled steps, as the command line's runs do (cli_setup's
+  --compilation_cache): many tests train the same tiny model, and compiling is most of a tiny run's time.
+  One folder for the whole session, shared by the pytest workers and the processes the tests start (through
+  JAX_COMPILATION_CACHE_DIR), so that every session starts cold, as in CI, and the user's
+  ~/.cache/bertjax/xla is left alone. In the pytest workers every compile is kept (jax keeps only those over a
+  second by default); not in the processes the tests start: there, writing every small compile costs more
+  than it saves (scripts/gpu_smoke.sh --cpu: 52 s against 35 s)."""
   import jax
   from jax._src import compilation_cache
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
+  session = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is the worker's folder in the session's
+    session = session.parent
+  folder = session / "xla"
+  folder.mkdir(exist_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+  jax.config.update("jax_compilation_cache_dir", str(folder))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   compilation_cache.reset_cache()
