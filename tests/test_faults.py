@@ -131,7 +131,7 @@ def test_regression_on_stsb_pairs(setup, tmp_path, capsys):
 
 def test_a_fresh_regression_head_starts_at_the_labels_mean():
   params = {"head": {"out": {"kernel": np.ones((4, 1), np.float32), "bias": np.zeros(1, np.float32)}}}
-  note = start_at_mean(params, np.array([0.5, 2.0, 4.0]))
+  note = start_at_mean(params, np.array([0.5, 2.0, np.nan, 4.0]))  # what is not finite does not count
   assert params["head"]["out"]["bias"].dtype == np.float32 and note.endswith("mean, 2.167")
   np.testing.assert_allclose(params["head"]["out"]["bias"], [6.5 / 3], rtol=1e-7)
   np.testing.assert_array_equal(params["head"]["out"]["kernel"], np.ones((4, 1)))

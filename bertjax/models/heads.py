@@ -39,7 +39,9 @@ def start_at_mean(params: dict, labels: np.ndarray) -> str:
   """Sets a fresh regression head's output bias to the training labels' mean (in `params`), so that its first
   steps learn the order of the scores, not their offset: STS-B at batch 1024 (18 steps) reached dev Pearson 0.78
   from this start and -0.04 from a zero bias (docs/large_batch.md). Returns the note for the start lines."""
-  mean = float(np.mean(labels))
+  finite = np.asarray(labels, np.float64)
+  finite = finite[np.isfinite(finite)]  # a non-finite label is the loss's to meet (train.skip_nonfinite_steps)
+  mean = float(finite.mean()) if finite.size else 0.0
   bias = params["head"]["out"]["bias"]
   params["head"]["out"]["bias"] = np.full(bias.shape, mean, bias.dtype)
   return f"the new regression head starts at the training labels' mean, {mean:.4g}"
