@@ -31,10 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 TASKS = {
-    "sst2": {"train": "sst2/train.tsv", "eval": "sst2/dev.tsv", "metric": "eval_accuracy", "options": []},
-    "snli": {"train": "snli_train.tsv", "eval": "snli_dev.tsv", "metric": "eval_accuracy",
+    "sst2": {"train": "sst2/train.tsv", "eval": "sst2/dev.tsv", "metric": "accuracy", "options": []},
+    "snli": {"train": "snli_train.tsv", "eval": "snli_dev.tsv", "metric": "accuracy",
              "options": ["--config.data.text_fields=('premise','hypothesis')"]},
-    "stsb": {"train": "glue_stsb/train.tsv", "eval": "glue_stsb/dev.tsv", "metric": "eval_pearson",
+    "stsb": {"train": "glue_stsb/train.tsv", "eval": "glue_stsb/dev.tsv", "metric": "pearson",
              "options": ["--config.data.text_fields=('sentence1','sentence2')", "--config.data.label_field=score",
                          "--config.data.task=regression"]},
 }
@@ -94,7 +94,8 @@ def table(root: Path, cells: list[dict], seeds: int) -> tuple[list[dict], str]:
     done = [json.loads(p.read_text()) for k in range(seeds)
             if (p := root / c["name"] / f"seed{k}" / "summary.json").exists()]
     done = [s for s in done if s.get("finished")]
-    values = [s["final"][metric] for s in done if s.get("final")]
+    # summary.json's "final" (run_summary.eval_scalars); runs written before 2026-12-07 named it eval_<metric>
+    values = [s["final"].get(metric, s["final"].get(f"eval_{metric}")) for s in done if s.get("final")]
     rows.append({**c, "metric": metric, "values": values, "seeds": len(values),
                  "mean": statistics.mean(values) if values else None,
                  "sd": statistics.stdev(values) if len(values) > 1 else None,
