@@ -32,12 +32,17 @@ def test_jax_side_steps_as_the_trainer_does(tmp_path):
   assert side.step.num_compilations == 1 and max(losses) - min(losses) > 1e-3  # the steps do differ
 
 
-def test_the_product_imports_neither_the_benchmarks_nor_torch():
+def test_the_product_imports_neither_the_benchmarks_nor_torch(tmp_path):
+  """Nor when a run writes its TensorBoard events (tensorboardX imports torch whenever it is installed)."""
   code = ("import sys, bertjax.train, bertjax.trainer, bertjax.trial_group, bertjax.evaluate, bertjax.predict, "
           "bertjax.export, bertjax.lower\n"
+          "from bertjax.run_log import RunLog\n"
+          f"log = RunLog({str(tmp_path)!r}, is_primary=True)\n"
+          "log.write(1, {'loss': 0.5}, 'train'); log.close()\n"
           "print(sorted(m for m in sys.modules if m.startswith('bertjax.bench') or m == 'torch'))")
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
+  assert [p.stat().st_size > 0 for p in (tmp_path / "tensorboard").glob("events.out.tfevents.*")] == [True]
 
 
 def test_length_grouped_batches_as_transformers_forms_them():
