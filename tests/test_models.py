@@ -228,6 +228,28 @@ def test_bad_checkpoints(hf_tiny, tmp_path):
     models.load(copy_with("extra", tensors=lambda t: {**t, "bert.encoder.layer.7.foo": np.zeros(3, np.float32)}))
 
 
+@pytest.mark.parametrize("family", ["bert", "modernbert-mean"])
+def test_a_head_the_checkpoint_lacks_is_the_random_models_head(hf_tiny, tmp_path, family):
+  """load() draws random values only for the head a checkpoint lacks (the encoder's are read, not drawn first),
+  and they are those of the whole random model for that seed: the same start as before."""
+  src = hf_tiny[family]
+  folder = tmp_path / "encoder_only"
+  folder.mkdir()
+  (folder / "config.json").write_text((src / "config.json").read_text())
+  tensors = load_file(str(src / "model.safetensors"))
+  save_file({k: v for k, v in tensors.items() if not k.startswith(("classifier", "head.", "cls"))},
+            str(folder / "model.safetensors"), metadata={"format": "pt"})
+  loaded, kept = models.load(str(folder), num_labels=3, seed=7), load_tiny(src)
+  assert loaded.fresh_head and not kept.fresh_head
+  drawn = models.init_params(loaded.cfg, seed=7)["head"]
+  fresh = {"bert": {"out"}, "modernbert-mean": {"dense", "norm", "out"}}[family]  # BERT's pooler is the encoder's
+  assert set(loaded.params["head"]) == set(drawn) >= fresh
+  for name, layer in loaded.params["head"].items():
+    jax.tree.map(np.testing.assert_array_equal, layer, (drawn if name in fresh else kept.params["head"])[name])
+  jax.tree.map(np.testing.assert_array_equal, loaded.params["encoder"], kept.params["encoder"])
+  assert all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in jax.tree.leaves(loaded.params))
+
+
 def test_offline_hub_name_is_one_line_error(monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(UserError) as e:

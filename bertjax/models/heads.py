@@ -87,3 +87,19 @@ def random_params(cfg: EncoderConfig, key: jax.Array) -> dict:
   `jax.eval_shape` it for their shapes alone."""
   ones = jnp.ones((1, 4), jnp.int32)
   return dict(SequenceClassifier(cfg).init(key, ones, 0 * ones, ones, 0 * ones, jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+class _HeadAlone(nn.Module):
+  """The head at the path it has in SequenceClassifier ("head"), with no encoder before it."""
+
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, pooled_BxSxH):
+    return Head(self.cfg, name="head")(pooled_BxSxH, deterministic=True)
+
+
+def random_head_params(cfg: EncoderConfig, key: jax.Array) -> dict:
+  """`random_params(cfg, key)["head"]` without initialising the encoder: flax draws a parameter's initial
+  value from the key and the parameter's path, which are the same here."""
+  return dict(_HeadAlone(cfg).init(key, jnp.ones((1, 1, cfg.hidden_size), jnp.float32))["params"]["head"])

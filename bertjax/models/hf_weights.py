@@ -18,7 +18,7 @@ import numpy as np
 
 from bertjax.errors import UserError
 from bertjax.models.config import EncoderConfig, from_hf_config
-from bertjax.models.heads import random_params
+from bertjax.models.heads import random_head_params, random_params
 
 # Pretraining heads and buffers a fine-tuning checkpoint may carry; dropped with a one-line note.
 _IGNORABLE = re.compile(
@@ -272,6 +272,16 @@ def init_params(cfg: EncoderConfig, seed: int = 0) -> dict:
   return jax.tree.map(np.asarray, jax.jit(functools.partial(random_params, cfg))(jax.random.key(seed)))
 
 
+@functools.lru_cache(maxsize=16)
+def _param_shapes(cfg: EncoderConfig) -> dict:
+  return jax.eval_shape(functools.partial(random_params, cfg), jax.random.key(0))
+
+
+@functools.lru_cache(maxsize=16)
+def _random_head(cfg: EncoderConfig):
+  return jax.jit(functools.partial(random_head_params, cfg))
+
+
 def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32", seed: int = 0,
          reinit_head: bool | str = False) -> Loaded:
   """Reads a checkpoint into (EncoderConfig, params). A head absent from it is initialised and noted.
@@ -305,7 +315,6 @@ def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32
   elif num_labels is not None:
     cfg = cfg.replace(num_labels=num_labels)
   known = tensor_map(cfg)
-  params = init_params(cfg, seed)
   unexpected = [k for k in tensors if k not in known]
   ignored = [k for k in unexpected if _IGNORABLE.match(k) or _UNUSED_POOLER.match(k)]
   bad = sorted(set(unexpected) - set(ignored))
@@ -317,6 +326,10 @@ def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32
   if missing_body:
     raise UserError(f"{source}: missing tensor {missing_body[0]!r}"
                     + (f" (and {len(missing_body) - 1} more)" if len(missing_body) > 1 else ""))
+  # The tree's shapes without computing a random model; random values only for a head the checkpoint lacks.
+  params = jax.tree.map(lambda x: x, _param_shapes(cfg))  # a copy to fill in
+  if any(known[k][0][0] == "head" for k in missing):
+    params["head"] = jax.tree.map(np.asarray, _random_head(cfg)(jax.random.key(seed)))
   for name, (path, transpose) in known.items():
     if name not in tensors:
       continue
