@@ -75,21 +75,11 @@ def assert_same_run(a_dir, b_dir):
   assert sizes == [25, 25, 128, 128], sizes
 
 
-def test_two_processes_match_one_process(setup, one_process):
-  root, data, model = setup
-  port = free_port()
-  procs = [start(root / "two", data, model, 2, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                 f"--process_id={i}") for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  assert "2 shards, 128 train examples read by this host" in outs[0], outs[0][-3000:]
-  assert_same_run(one_process, root / "two")
-
-
 def test_slurm_environment_alone_starts_a_two_process_run(setup, one_process):
-  """What `srun` in scripts/slurm.sbatch gives each task: no flags, only SLURM_* variables, from which
-  jax.distributed finds the coordinator (first node of the step, port from the job id) and the ranks."""
+  """2 processes x 2 devices train as 1 process x 4 does, started as `srun` in scripts/slurm.sbatch starts its
+  tasks: no flags, only SLURM_* variables, from which jax.distributed finds the coordinator (first node of the
+  step, port from the job id) and the ranks. (The flags --coordinator_address, --num_processes and
+  --process_id start the two-process runs of the other tests here.)"""
   root, data, model = setup
   job_id = next(j for j in range(1000, 5096) if _port_free(j % 4096 + 61440))
   procs = [start(root / "slurm", data, model, 2, env={
@@ -99,6 +89,7 @@ def test_slurm_environment_alone_starts_a_two_process_run(setup, one_process):
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   assert "on mesh {'data': 4, 'fsdp': 1}" in outs[0], outs[0][-3000:]  # 2 processes x 2 devices joined
+  assert "2 shards, 128 train examples read by this host" in outs[0], outs[0][-3000:]
   assert_same_run(one_process, root / "slurm")
 
 
@@ -263,7 +254,7 @@ def test_two_managers_save_the_same_steps_at_once(tmp_path):
 def test_two_process_sweep_matches_one_process(setup, tmp_path):
   """A sweep on 2 processes x 2 devices (two trials trained together as a group) gives every trial the losses
   of the same sweep on 1 process x 4 devices; process 0 alone writes the results. (A trial trained alone is a
-  single run, which test_two_processes_match_one_process checks on 2 processes.)"""
+  single run, which test_slurm_environment_alone_starts_a_two_process_run checks on 2 processes.)"""
   _, data, model = setup
   sweep_file = tmp_path / "lr.py"
   sweep_file.write_text('def get_sweep():\n  return {"grid": {"optimizer.learning_rate": [1e-3, 2e-3]}}\n')
