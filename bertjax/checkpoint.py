@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,31 @@ def _check_abstract(abstract_state: PyTree) -> None:
           "restored value is a jax.Array placed like the training state")
 
 
+def _orbax_errors_in_one_line(record) -> bool:
+  """A logging filter: orbax logs a failed background write with its whole traceback (about 30 lines per writer
+  thread) before `wait` raises our one-line CheckpointError with the same reason; its own line is kept."""
+  if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+    record.exc_info, record.exc_text = None, None
+  return True
+
+
+def _quiet_closed_event_loops() -> None:
+  """When a write fails, tensorstore's callbacks still reach for the closed event loop of orbax's writer thread,
+  and Python prints each "Event loop is closed" as an unraisable exception (37 tracebacks after one failed save
+  of a tiny model, some before `wait` sees the failure); they say nothing the CheckpointError does not. Every
+  other unraisable exception is printed."""
+  if getattr(sys.unraisablehook, "quiet_closed_event_loops", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.quiet_closed_event_loops = True
+  sys.unraisablehook = hook
+
+
 class Checkpoints:
   """Saves, lists, prunes and restores the checkpoints of one training run."""
 
@@ -123,6 +149,10 @@ class Checkpoints:
     self._manager = ocp.CheckpointManager(
         directory, options=options, item_names=(_STATE, _META))
     self._pending_step: int | None = None
+    absl_logger = logging.get_absl_logger()
+    if _orbax_errors_in_one_line not in absl_logger.filters:
+      absl_logger.addFilter(_orbax_errors_in_one_line)
+    _quiet_closed_event_loops()
 
   @property
   def directory(self) -> str:
