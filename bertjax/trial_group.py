@@ -38,6 +38,7 @@ from bertjax import step as step_lib
 from bertjax.config_base import flatten
 from bertjax.errors import UserError, WriteFailed, first_line
 from bertjax.loop_state import LoopState, restore_run, resumed_line, save_run
+from bertjax.models import hf_weights
 from bertjax.run_log import log
 from bertjax.step import TrainState, make_train_step, new_train_state
 from bertjax.trainer import Trainer, train
@@ -97,8 +98,10 @@ class TrialGroup:
         raise UserError(f"the trials' latest checkpoints are at different steps ({latest}) and the group "
                         f"workdir {self.group_dir} has none: resume them alone (bertjax.train) or in their "
                         "first group")
-    self.lead = Trainer(configs[0], workdirs[0], cache_dir=self.group_dir / "cache")
-    self.trainers = [self.lead] + [Trainer(c, w, inputs=self.lead.inputs) for c, w in zip(configs[1:], workdirs[1:])]
+    with hf_weights.reads_shared():  # the checkpoint read once for all trials
+      self.lead = Trainer(configs[0], workdirs[0], cache_dir=self.group_dir / "cache")
+      self.trainers = [self.lead] + [Trainer(c, w, inputs=self.lead.inputs)
+                                     for c, w in zip(configs[1:], workdirs[1:])]
     self.labels = [f"[trial {k}] " for k in range(len(self.trainers))]
     hparams = [t.opt_plan.hparams for t in self.trainers]
     self.varying = tuple(k for k in optim.HPARAMS if len({h[k] for h in hparams}) > 1)

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from bertjax import demo_data, optim, trainer, trial_group
+from bertjax.models import hf_weights
 from bertjax.errors import UserError
 from bertjax.workdir import load_run
 from conftest import tiny_bert_with_tokenizer
@@ -97,6 +98,22 @@ def test_each_trial_matches_its_single_run(group_run, single_runs):
   # The trials really differ (learning rates, seeds), so matching is not trivial.
   finals = [read_log(g)[-1]["loss"] for g in g_dirs]
   assert len({round(x, 4) for x in finals}) == len(finals)
+
+
+def test_the_trials_read_the_checkpoint_once(setup, tmp_path, monkeypatch):
+  """K trials load one checkpoint: it is read from disk once, its arrays shared (read-only), and not kept after."""
+  _, data, model = setup
+  reads = []
+  real = hf_weights._read_tensors
+  monkeypatch.setattr(hf_weights, "_read_tensors", lambda folder: reads.append(folder) or real(folder))
+  group = trial_group.TrialGroup(trial_configs(data, model), [str(tmp_path / f"t{k}") for k in range(3)])
+  assert len(reads) == 1 and len(group.trainers) == 3
+  kernels = [t.loaded.params["encoder"]["layer_0"]["mlp_in"]["kernel"] for t in group.trainers]
+  assert all(np.shares_memory(kernels[0], k) for k in kernels[1:]) and not kernels[0].flags.writeable
+  heads = [t.loaded.params["head"]["out"]["kernel"] for t in group.trainers]
+  assert not np.array_equal(heads[0], heads[1]) and np.array_equal(heads[0], heads[2])  # seeds 0, 1, 0
+  hf_weights.load(str(model))
+  assert len(reads) == 2  # outside the group, a load reads again
 
 
 def test_group_key_separates_shape_changing_configs(setup):

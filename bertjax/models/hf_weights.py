@@ -5,6 +5,7 @@ A Hugging Face folder holds `config.json` and `model.safetensors` (or a sharded 
 [in, out] here; LayerNorm weight/bias become scale/bias.
 """
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -161,8 +162,35 @@ def head_output_tensor(cfg: EncoderConfig) -> str:
   return next(name for name, (path, _) in tensor_map(cfg).items() if path == ("head", "out", "kernel"))
 
 
+_reads_shared: dict[Path, tuple[dict[str, np.ndarray], str]] | None = None  # inside `reads_shared()`
+
+
+@contextlib.contextmanager
+def reads_shared():
+  """Inside it, each checkpoint folder is read from disk once and its arrays are shared by every `load` of it (a
+  trial group's trials load one checkpoint each); nothing is kept after it. `load` never modifies them."""
+  global _reads_shared
+  outer, _reads_shared = _reads_shared, {} if _reads_shared is None else _reads_shared
+  try:
+    yield
+  finally:
+    _reads_shared = outer
+
+
 def read_tensors(folder: Path) -> tuple[dict[str, np.ndarray], str]:
   """All tensors of a checkpoint folder as numpy arrays, and the file they came from."""
+  if _reads_shared is None:
+    return _read_tensors(folder)
+  key = folder.resolve()
+  if key not in _reads_shared:
+    tensors, source = _read_tensors(folder)
+    for array in tensors.values():
+      array.flags.writeable = False  # shared: a write would reach the other loads
+    _reads_shared[key] = tensors, source
+  return _reads_shared[key]
+
+
+def _read_tensors(folder: Path) -> tuple[dict[str, np.ndarray], str]:
   single, index, torch_bin = folder / "model.safetensors", folder / "model.safetensors.index.json", \
       folder / "pytorch_model.bin"
   if single.exists():
@@ -328,7 +356,8 @@ def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32
                     + (f" (and {len(missing_body) - 1} more)" if len(missing_body) > 1 else ""))
   # The tree's shapes without computing a random model; random values only for a head the checkpoint lacks.
   params = jax.tree.map(lambda x: x, _param_shapes(cfg))  # a copy to fill in
-  if any(known[k][0][0] == "head" for k in missing):
+  fresh = [k for k in missing if known[k][0][0] == "head"]
+  if fresh:
     params["head"] = jax.tree.map(np.asarray, _random_head(cfg)(jax.random.key(seed)))
   for name, (path, transpose) in known.items():
     if name not in tensors:
@@ -340,12 +369,15 @@ def load(name_or_path: str, num_labels: int | None = None, dtype: str = "float32
       raise UserError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected "
                       f"{tuple(reversed(expected)) if transpose else expected} from config.json")
     _set(params, path, value)
+  unfilled = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+              if isinstance(x, jax.ShapeDtypeStruct)]
+  if unfilled:  # a parameter tensor_map does not name: a bug of this module, not of the checkpoint
+    raise AssertionError(f"{cfg.family}: no checkpoint tensor maps to the parameter {unfilled[0]}")
   notes = []
   ignored = [k for k in ignored if not k.endswith(("position_ids", "token_type_ids"))]  # buffers, not weights
   if ignored:
     notes.append(f"ignored {len(ignored)} tensors not used for classification ({', '.join(sorted(ignored)[:3])}"
                  + (", ..." if len(ignored) > 3 else "") + ")")
-  fresh = [k for k in missing if known[k][0][0] == "head"]
   if replaced:
     notes.append(replaced)
   elif fresh:
