@@ -22,9 +22,11 @@ group's members) need distinct `sync_name`s, equal on every process.
 
 from __future__ import annotations
 
+import logging as std_logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +90,30 @@ def _check_abstract(abstract_state: PyTree) -> None:
           "restored value is a jax.Array placed like the training state")
 
 
+def _from_orbax(tb) -> bool:
+  while tb is not None:
+    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _orphaned_orbax_tasks(record) -> bool:
+  """A logging filter for asyncio's logger: after a failed write, the writes orbax started alongside it end
+  with the same error, and asyncio logs each ("Task exception was never retrieved", with its traceback) when
+  the task is collected, after our CheckpointError has said it; those records are dropped, any other kept."""
+  return not (record.exc_info and _from_orbax(record.exc_info[2]))
+
+
 def _orbax_errors_in_one_line(record) -> bool:
   """A logging filter: orbax logs a failed background write with its whole traceback (about 30 lines per writer
-  thread) before `wait` raises our one-line CheckpointError with the same reason; its own line is kept."""
+  thread) before `wait` raises our one-line CheckpointError with the same reason. Its record keeps one line: its
+  message and the exception's type and first line."""
   if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+    error, message = record.exc_info[1], record.getMessage()
+    first = str(error).split("\n", 1)[0] if error is not None else ""
+    if first and first not in message:  # a reason said only in the exception stays in the line
+      record.msg, record.args = f"{message} ({type(error).__name__}: {first})", ()
     record.exc_info, record.exc_text = None, None
   return True
 
@@ -114,7 +136,10 @@ def _quiet_closed_event_loops() -> None:
 
 
 class Checkpoints:
-  """Saves, lists, prunes and restores the checkpoints of one training run."""
+  """Saves, lists, prunes and restores the checkpoints of one training run.
+
+  The first one made installs, for the whole process, the filter that keeps orbax's logged errors to a line
+  and the hook that leaves unprinted the "Event loop is closed" errors of a failed write (see those two)."""
 
   def __init__(self, directory: str, keep_best: bool = True,
                async_save: bool = True, *, is_primary: bool, sync_name: str = "checkpoints",
@@ -149,9 +174,10 @@ class Checkpoints:
     self._manager = ocp.CheckpointManager(
         directory, options=options, item_names=(_STATE, _META))
     self._pending_step: int | None = None
-    absl_logger = logging.get_absl_logger()
+    absl_logger, asyncio_logger = logging.get_absl_logger(), std_logging.getLogger("asyncio")
     if _orbax_errors_in_one_line not in absl_logger.filters:
       absl_logger.addFilter(_orbax_errors_in_one_line)
+      asyncio_logger.addFilter(_orphaned_orbax_tasks)
     _quiet_closed_event_loops()
 
   @property
@@ -203,7 +229,9 @@ class Checkpoints:
 
     Orbax drops the steps it planned to delete from its cache before the new step is
     finalised; when that step fails they are still on disk and still restorable.
+    The writes it had not started are never awaited now: Python's warning about each at exit is left unsaid.
     """
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
     try:
       self._manager.reload()
     except Exception:  # pylint: disable=broad-except

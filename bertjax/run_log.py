@@ -26,14 +26,15 @@ KINDS = ("train", "eval")
 def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it is installed
   (to accept torch tensors, which a run never passes), and that import alone took 1.2-2 s and ~300 MB of every
-  run's process. torch stays hidden only during this import, and only if nothing imported it before."""
+  run's process. torch stays hidden only during this import, and only if nothing imported it before; hiding it
+  is seen by every thread, so this runs when a RunLog is made, before the run starts its input thread."""
   hide = "torch" not in sys.modules
   if hide:
     sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   finally:
-    if hide:
+    if hide and "torch" in sys.modules and sys.modules["torch"] is None:
       del sys.modules["torch"]
   return SummaryWriter
 
@@ -82,6 +83,7 @@ class RunLog:
     self._purge_step: int | None = None
     if is_primary:
       os.makedirs(workdir, exist_ok=True)
+      self._writer_class = _summary_writer_class()
 
   def truncate_after(self, step: int) -> int:
     """On resume from `step`: drops logged lines with a later step; returns lines kept.
@@ -143,7 +145,7 @@ class RunLog:
 
   def _tensorboard(self):
     if self._writer is None:
-      self._writer = _summary_writer_class()(
+      self._writer = self._writer_class(
           logdir=self.tensorboard_dir, purge_step=self._purge_step, flush_secs=10,
           filename_suffix=self._event_file_suffix())
       self._purge_step = None

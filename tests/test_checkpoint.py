@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import resource
 import signal
@@ -16,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+from bertjax import checkpoint
 from bertjax.checkpoint import CheckpointError, Checkpoints
 from bertjax.run_log import Progress, RunLog, write_summary
 
@@ -363,3 +365,30 @@ def test_loop_state_survives_the_checkpoint_meta_field_by_field():
   assert loop != LoopState() and all(getattr(loop, f.name) != getattr(LoopState(), f.name)
                                      for f in dataclasses.fields(LoopState))
   assert LoopState.from_meta(json.loads(json.dumps(loop.to_meta())), step=0) == loop
+
+
+def test_orbax_failure_records_are_one_line_and_others_are_kept():
+  """The logging filters Checkpoints installs: an orbax record keeps one line (with the exception's first line
+  when its message lacks it), asyncio's records of orbax's orphaned writes are dropped, the rest untouched."""
+  code = "def write():\n  raise ValueError('OUT_OF_RANGE: Error writing x\\nmore detail')\n"
+  scope = {}
+  exec(compile(code, os.path.join(os.sep, "site", "orbax", "serialization.py"), "exec"), scope)
+  caught = []
+  for raise_it in (scope["write"], lambda: {}["ours"]):
+    try:
+      raise_it()
+    except (ValueError, KeyError):
+      caught.append(sys.exc_info())
+  orbax_error, our_error = caught
+  record = lambda path, exc, msg: logging.LogRecord("absl", logging.ERROR, path, 1, msg, (), exc)
+  r = record("/site/orbax/future.py", orbax_error, "thread %s failed")
+  r.args = ("writer",)
+  assert checkpoint._orbax_errors_in_one_line(r) and r.exc_info is None
+  assert r.getMessage() == "thread writer failed (ValueError: OUT_OF_RANGE: Error writing x)"
+  r = record("/site/orbax/future.py", orbax_error, "failed: OUT_OF_RANGE: Error writing x")
+  assert checkpoint._orbax_errors_in_one_line(r) and r.getMessage() == "failed: OUT_OF_RANGE: Error writing x"
+  r = record("/site/bertjax/trainer.py", our_error, "ours")
+  assert checkpoint._orbax_errors_in_one_line(r) and r.exc_info is our_error
+  assert not checkpoint._orphaned_orbax_tasks(record("base_events.py", orbax_error, "Task exception was never retrieved"))
+  assert checkpoint._orphaned_orbax_tasks(record("base_events.py", our_error, "Task exception was never retrieved"))
+  assert checkpoint._orphaned_orbax_tasks(record("base_events.py", None, "something else"))

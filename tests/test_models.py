@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from bertjax import models
 from bertjax.errors import UserError
+from bertjax.models import hf_weights
 from bertjax.models.encoder import Encoder
 from bertjax.models.hf_weights import tensor_map
 from conftest import VARIANTS, minilm_dir, padded_batch, to_bertjax
@@ -229,7 +230,7 @@ def test_bad_checkpoints(hf_tiny, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["bert", "modernbert-mean"])
-def test_a_head_the_checkpoint_lacks_is_the_random_models_head(hf_tiny, tmp_path, family):
+def test_a_head_the_checkpoint_lacks_is_the_random_models_head(hf_tiny, tmp_path, monkeypatch, family):
   """load() draws random values only for the head a checkpoint lacks (the encoder's are read, not drawn first),
   and they are those of the whole random model for that seed: the same start as before."""
   src = hf_tiny[family]
@@ -239,9 +240,11 @@ def test_a_head_the_checkpoint_lacks_is_the_random_models_head(hf_tiny, tmp_path
   tensors = load_file(str(src / "model.safetensors"))
   save_file({k: v for k, v in tensors.items() if not k.startswith(("classifier", "head.", "cls"))},
             str(folder / "model.safetensors"), metadata={"format": "pt"})
-  loaded, kept = models.load(str(folder), num_labels=3, seed=7), load_tiny(src)
-  assert loaded.fresh_head and not kept.fresh_head
-  drawn = models.init_params(loaded.cfg, seed=7)["head"]
+  kept = load_tiny(src)
+  drawn = models.init_params(kept.cfg.replace(num_labels=3), seed=7)["head"]
+  monkeypatch.setattr(hf_weights, "init_params", lambda *a, **k: pytest.fail("load computed a whole random model"))
+  loaded = models.load(str(folder), num_labels=3, seed=7)
+  assert loaded.fresh_head and not kept.fresh_head and loaded.cfg == kept.cfg.replace(num_labels=3)
   fresh = {"bert": {"out"}, "modernbert-mean": {"dense", "norm", "out"}}[family]  # BERT's pooler is the encoder's
   assert set(loaded.params["head"]) == set(drawn) >= fresh
   for name, layer in loaded.params["head"].items():
