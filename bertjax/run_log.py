@@ -28,7 +28,7 @@ def _summary_writer_class():
   (to accept torch tensors, which a run never passes), and that import alone took 1.2-2 s and ~300 MB of every
   run's process. torch stays hidden only during this import, and only if nothing imported it before; hiding it
   is seen by every thread, so this runs when a RunLog is made, before the run starts its input thread."""
-  hide = "torch" not in sys.modules
+  hide = "torch" not in sys.modules and "tensorboardX" not in sys.modules  # once imported, nothing to hide
   if hide:
     sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches
   try:
