@@ -1,7 +1,7 @@
 """What a run reports: its start lines and the fields of its summary.json (throughput, MFU, compilation,
 best and final eval, how it ended)."""
 
-from bertjax import flops
+from bertjax import flops, optim
 from bertjax.data import pipeline
 from bertjax.loop_state import RunRecord, Stats
 from bertjax.matmul_peak import Peak
@@ -152,4 +152,12 @@ def start_lines(trainer, step: int) -> list[str]:
       + (f", resuming at step {step}" if step else ""),
       f"attention: train {att.train} ({att.train_why}), eval {att.eval} ({att.eval_why}); deterministic ops "
       f"{'on' if deterministic else 'off'} ({why})",
-      _selection(trainer)]
+      _selection(trainer)] + _short_run(trainer)
+
+
+def _short_run(trainer) -> list[str]:
+  opt = trainer.config.optimizer
+  examples = trainer.total_steps * len(trainer.data.train) / trainer.steps_per_epoch
+  advice = optim.short_run_advice(trainer.total_steps, examples, trainer.config.train.global_batch_size,
+                                  opt.base_batch_size, opt.lr_scaling)
+  return [advice] if advice else []

@@ -334,3 +334,23 @@ def test_batch_rule_by_recipe_optimizer(name, want):
   assert set(got) == set(want)
   for key, value in want.items():
     assert got[key] == (value if key == "name" else pytest.approx(value))
+
+
+@pytest.mark.parametrize("steps, examples, batch, scaling, want", [
+    # STS-B at batch 1024 for 3 epochs: 18 steps of 17,247 examples; 17,247 / 50 = 345 -> 320 (a multiple of 32)
+    (18, 17247, 1024, "auto", "use batch 320 or less, or more epochs"),
+    (27, 26526, 1024, "sqrt", "use batch 512 or less, or more epochs"),  # SNLI: 26,526 / 50 = 530.5 -> 512
+    (6, 1200, 256, "linear", "train more epochs"),  # 1,200 / 50 = 24: no batch of at least the recipe's fits
+    (66, 67349, 1024, "auto", ""),  # SST-2, 1 epoch: enough steps
+    (18, 17247, 1024, "none", ""),  # nothing scaled: the user chose the recipe as it is
+    (10, 320, 32, "auto", ""),  # the recipe's own batch
+])
+def test_short_run_advice(steps, examples, batch, scaling, want):
+  """A run scaled up from the recipe's batch to fewer than SHORT_RUN_STEPS steps says so, with the largest batch
+  (a multiple of the recipe's) that gives its examples that many steps."""
+  got = optim.short_run_advice(steps, examples, batch, 32, scaling)
+  if not want:
+    assert got == ""
+    return
+  assert got.startswith(f"short run: {steps} steps at batch {batch} (the recipe's batch is 32)")
+  assert got.endswith(f"for {optim.SHORT_RUN_STEPS}+ steps {want}")

@@ -445,6 +445,23 @@ def test_bad_batch_settings_fail_before_the_workdir_is_touched(setup, tmp_path, 
   assert not (tmp_path / "w").exists()
 
 
+def test_a_short_scaled_run_says_so_at_start(setup, tmp_path):
+  """Batch 64 from the tiny recipe's 16 for 3 steps: the start lines end with the short-run advice for its
+  examples; the same run with the recipe left unscaled (lr_scaling=none) has no such line."""
+  from bertjax import optim
+  _, data, model = setup
+  for scaling in ("auto", "none"):
+    tr = trainer.Trainer(demo_config(data, model, **{"train.global_batch_size": 64, "train.max_steps": 3,
+                                                     "optimizer.lr_scaling": scaling}), str(tmp_path / scaling))
+    lines = run_summary.start_lines(tr, 0)
+    examples = 3 * len(tr.data.train) / tr.steps_per_epoch
+    if scaling == "auto":
+      assert lines[-1] == optim.short_run_advice(3, examples, 64, 16, "auto")
+      assert lines[-1].startswith("short run: 3 steps at batch 64 (the recipe's batch is 16)")
+    else:
+      assert not any(line.startswith("short run:") for line in lines)
+
+
 @pytest.mark.slow
 def test_auto_rule_learns_at_8x_the_batch_where_the_linear_rule_does_not(setup, tmp_path):
   """The tiny recipe (lr 3e-3 at batch 16) at batch 128, 10 epochs (48 steps): lr_scaling=auto (lr x sqrt(8),
