@@ -191,8 +191,8 @@ def make_schedule(kind: str, peak_lr: float | jax.Array, total_steps: int,
 LAMB_FROM_RATIO = 8.0  # AdamW recipes switch to LAMB above this many times their batch (batch > 256 for 32)
 LAMB_LR_PER_ADAM_LR = 14.14  # LAMB's peak LR over AdamW's sqrt-scaled one (4e-3 at batch 1024 for 5e-5 at 32)
 MIN_B2_STEPS = 50.0  # Adam's second moment averages over at least this many steps: b2 <= 1 - 1/50
-# Scaled up from the recipe's batch, runs of fewer steps lost 4.5-7.5 points at every learning rate tried, and the
-# same batch given more steps did not (docs/large_batch.md, "Short runs").
+# Scaled up from the recipe's batch, runs of 18-27 steps lost 4.5-7.5 points to the recipe, and no learning rate
+# made up for the steps (docs/large_batch.md, "Short runs").
 SHORT_RUN_STEPS = 50
 
 
@@ -232,7 +232,7 @@ def short_run_advice(total_steps: int, examples: float, global_batch_size: int, 
   instead = f"use batch {fits} or less, or more epochs" if fits >= base_batch_size else "train more epochs"
   return (f"short run: {total_steps} steps at batch {global_batch_size} (the recipe's batch is "
           f"{base_batch_size:g}): in docs/large_batch.md, runs scaled up like this to 18-27 steps lost 4.5-7.5 "
-          f"points at every learning rate tried; for {SHORT_RUN_STEPS}+ steps {instead}")
+          f"points to the recipe's batch; for {SHORT_RUN_STEPS}+ steps {instead}")
 
 
 def scaled_hparams(recipe: dict, scaling: str, global_batch_size: int, base_batch_size: int) -> dict:
