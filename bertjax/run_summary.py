@@ -156,8 +156,9 @@ def start_lines(trainer, step: int) -> list[str]:
 
 
 def _short_run(trainer) -> list[str]:
-  opt = trainer.config.optimizer
+  """optim.short_run_advice for this run's steps and examples, as a line if it has one."""
+  tc = trainer.config.train
   examples = trainer.total_steps * len(trainer.data.train) / trainer.steps_per_epoch
-  advice = optim.short_run_advice(trainer.total_steps, examples, trainer.config.train.global_batch_size,
-                                  opt.base_batch_size, opt.lr_scaling)
+  advice = optim.short_run_advice(trainer.total_steps, examples, tc.global_batch_size,
+                                  trainer.config.optimizer.base_batch_size, bool(tc.max_steps))
   return [advice] if advice else []

@@ -336,21 +336,24 @@ def test_batch_rule_by_recipe_optimizer(name, want):
     assert got[key] == (value if key == "name" else pytest.approx(value))
 
 
-@pytest.mark.parametrize("steps, examples, batch, scaling, want", [
+@pytest.mark.parametrize("steps, examples, batch, base, max_steps_set, want", [
     # STS-B at batch 1024 for 3 epochs: 18 steps of 17,247 examples; 17,247 / 50 = 345 -> 320 (a multiple of 32)
-    (18, 17247, 1024, "auto", "use batch 320 or less, or more epochs"),
-    (27, 26526, 1024, "sqrt", "use batch 512 or less, or more epochs"),  # SNLI: 26,526 / 50 = 530.5 -> 512
-    (6, 1200, 256, "linear", "train more epochs"),  # 1,200 / 50 = 24: no batch of at least the recipe's fits
-    (66, 67349, 1024, "auto", ""),  # SST-2, 1 epoch: enough steps
-    (18, 17247, 1024, "none", ""),  # nothing scaled: the user chose the recipe as it is
-    (10, 320, 32, "auto", ""),  # the recipe's own batch
+    (18, 17247, 1024, 32, False, "use batch 320 or less, or more epochs"),
+    (27, 26526, 1024, 32, False, "use batch 512 or less, or more epochs"),  # SNLI: 26,526 / 50 = 530.5 -> 512
+    (49, 1600, 64, 32, False, "use batch 32 or less, or more epochs"),  # 1,600 / 50 = 32: exactly the recipe's
+    (49, 1599, 64, 32, False, "train more epochs"),  # 31.98: no batch of at least the recipe's gives 50 steps
+    (18, 17247, 1024, 24.5, False, "use batch 343 or less, or more epochs"),  # 345 / 24.5 = 14.08 -> 14 x 24.5
+    (3, 17247, 1024, 32, True, "raise train.max_steps to 50"),  # the step count was chosen: the batch is not it
+    (50, 1600, 1024, 32, False, ""),  # enough steps
+    (66, 67349, 1024, 32, False, ""),  # SST-2, 1 epoch
+    (10, 320, 32, 32, False, ""),  # the recipe's own batch
 ])
-def test_short_run_advice(steps, examples, batch, scaling, want):
-  """A run scaled up from the recipe's batch to fewer than SHORT_RUN_STEPS steps says so, with the largest batch
-  (a multiple of the recipe's) that gives its examples that many steps."""
-  got = optim.short_run_advice(steps, examples, batch, 32, scaling)
+def test_short_run_advice(steps, examples, batch, base, max_steps_set, want):
+  """A batch larger than the recipe's that leaves fewer than SHORT_RUN_STEPS steps says so, with a batch (a
+  multiple of the recipe's) that gives its examples that many steps, or what else would."""
+  got = optim.short_run_advice(steps, examples, batch, base, max_steps_set)
   if not want:
     assert got == ""
     return
-  assert got.startswith(f"short run: {steps} steps at batch {batch} (the recipe's batch is 32)")
+  assert got.startswith(f"short run: {steps} steps at batch {batch} (the recipe's batch is {base:g})")
   assert got.endswith(f"for {optim.SHORT_RUN_STEPS}+ steps {want}")

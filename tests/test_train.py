@@ -446,20 +446,18 @@ def test_bad_batch_settings_fail_before_the_workdir_is_touched(setup, tmp_path, 
 
 
 def test_a_short_scaled_run_says_so_at_start(setup, tmp_path):
-  """Batch 64 from the tiny recipe's 16 for 3 steps: the start lines end with the short-run advice for its
-  examples; the same run with the recipe left unscaled (lr_scaling=none) has no such line."""
-  from bertjax import optim
+  """Batch 64 from the tiny recipe's 16 for 4 epochs of 512 examples (36 steps): the start lines end with the
+  short-run advice, whose batch comes from the examples the run trains on (2,048 / 50 = 41 -> 32); at the
+  recipe's batch there is no such line."""
   _, data, model = setup
-  for scaling in ("auto", "none"):
-    tr = trainer.Trainer(demo_config(data, model, **{"train.global_batch_size": 64, "train.max_steps": 3,
-                                                     "optimizer.lr_scaling": scaling}), str(tmp_path / scaling))
-    lines = run_summary.start_lines(tr, 0)
-    examples = 3 * len(tr.data.train) / tr.steps_per_epoch
-    if scaling == "auto":
-      assert lines[-1] == optim.short_run_advice(3, examples, 64, 16, "auto")
-      assert lines[-1].startswith("short run: 3 steps at batch 64 (the recipe's batch is 16)")
-    else:
-      assert not any(line.startswith("short run:") for line in lines)
+  tr = trainer.Trainer(demo_config(data, model, **{"train.global_batch_size": 64, "train.num_epochs": 4.0}),
+                       str(tmp_path / "scaled"))
+  assert len(tr.data.train) == 512 and 30 <= tr.total_steps < 50
+  line = run_summary.start_lines(tr, 0)[-1]
+  assert line.startswith(f"short run: {tr.total_steps} steps at batch 64 (the recipe's batch is 16)")
+  assert line.endswith("for 50+ steps use batch 32 or less, or more epochs")
+  recipe = trainer.Trainer(demo_config(data, model, **{"train.num_epochs": 4.0}), str(tmp_path / "recipe"))
+  assert not any(line.startswith("short run:") for line in run_summary.start_lines(recipe, 0))
 
 
 @pytest.mark.slow
