@@ -192,7 +192,7 @@ LAMB_FROM_RATIO = 8.0  # AdamW recipes switch to LAMB above this many times thei
 LAMB_LR_PER_ADAM_LR = 14.14  # LAMB's peak LR over AdamW's sqrt-scaled one (4e-3 at batch 1024 for 5e-5 at 32)
 MIN_B2_STEPS = 50.0  # Adam's second moment averages over at least this many steps: b2 <= 1 - 1/50
 # At 32x the recipe's batch, runs of 18-27 steps lost 4.5-7.5 points to it and no learning rate made up for the
-# steps; STS-B given 54 steps came within 0.6 points, SNLI given 81 still 3.8 (docs/large_batch.md, "Short runs").
+# steps; STS-B given 54 steps came within 1.0 point, SNLI given 81 still 3.8 (docs/large_batch.md, "Short runs").
 SHORT_RUN_STEPS = 50
 
 
