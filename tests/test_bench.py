@@ -58,6 +58,38 @@ def test_length_grouped_batches_as_transformers_forms_them():
   assert in_order(ids, 4) == [ids[i:i + 4] for i in range(0, 230, 4)]
 
 
+def test_the_torch_peer_accumulating_micro_batches_takes_the_whole_batch_step(tmp_path):
+  """As the Trainer's gradient_accumulation_steps: slices of 3, each padded to its own longest, give the parameters
+  one batch of 8 gives (dropout off). Adam's eps of 1 and no clipping keep the update proportional to the
+  gradient, so a wrong weighting of the slices' losses (their sum, or the mean of their means) would show."""
+  import ml_collections
+  import torch
+  from bertjax import optim
+  from bertjax.bench.peer_torch import TorchPeer
+  from bertjax.data.tokenize import Tokenized
+  folder = tiny_bert_with_tokenizer(tmp_path / "model")
+  rng = np.random.default_rng(0)
+  lengths = [3, 9, 4, 12, 5, 7, 2, 10]  # slices [3, 9, 4], [12, 5, 7], [2, 10]: unequal sizes and padding
+  tok = Tokenized.from_lists([rng.integers(5, 999, n).astype(np.int32) for n in lengths],
+                             [np.zeros(n, np.int32) for n in lengths], pad_id=0)
+  labels = np.array([0, 1, 1, 0, 1, 0, 0, 1])
+  cfg = ml_collections.ConfigDict({"name": "adamw", "schedule": "linear", "lr_scaling": "none", "learning_rate": 0.5,
+                                   "b1": 0.9, "b2": 0.999, "eps": 1.0, "warmup_fraction": 0.0, "weight_decay": 0.0,
+                                   "layerwise_lr_decay": 1.0, "base_batch_size": 8, "clip_norm": 0.0})
+  plan = optim.plan_optimizer(cfg, 10, 8)
+  flat = lambda peer: torch.cat([p.detach().flatten() for p in peer.model.parameters()]).numpy()
+  start = flat(TorchPeer(folder, 2, plan, seed=0))
+  params = []
+  for micro in (None, 3):
+    peer = TorchPeer(folder, 2, plan, seed=0)
+    peer.model.eval()  # no dropout: the two ways then compute the same gradient
+    out = peer.train(tok, labels, [list(range(8))] * 2, micro)
+    assert out["steps"] == 2 and out["slots"] == 2 * (12 * 8 if micro is None else 3 * 9 + 3 * 12 + 2 * 10)
+    params.append(flat(peer))
+  assert np.abs(params[0] - start).max() > 1e-3  # the steps moved the weights
+  np.testing.assert_allclose(params[1], params[0], atol=1e-6)
+
+
 def test_top_level_ops_counts_the_entry_computation_only():
   hlo = """HloModule m
 %inner (a: f32[2]) -> f32[2] {
@@ -85,25 +117,33 @@ def test_bench_smoke(tmp_path):
          f"--config.model.name_or_path={model}", f"--config.data.train={dev}", f"--config.data.eval={dev}",
          "--config.data.max_length=64", "--config.train.global_batch_size=16", "--peer=torch",
          f"--json={out}", "--steps=3", "--warmup=1", "--repeats=2", "--profile",
-         "--peer_dtypes=float32,bfloat16"]
+         "--peer_dtypes=float32,bfloat16", "--peer_micro_batches=0,5"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(out.read_text())
   assert r["same_examples"] is True
   assert r["machine"]["keeps_freed_memory"] == {"bertjax": True, "torch": False}  # the peer runs as users run it
-  # Each round: 3 bertjax steps; torch ran the same examples, 16 at a time.
-  torch_runs = ["torch_dynamic", "torch_grouped", "torch_dynamic_bf16", "torch_grouped_bf16"]
+  # Each round: 3 bertjax steps; torch ran the same examples, 16 at a time, whole or in micro-batches of 5.
+  torch_runs = [f"torch_{mode}{dtype}{micro}" for dtype in ("", "_bf16") for micro in ("", "_micro5")
+                for mode in ("dynamic", "grouped")]
   assert list(r["blocks"]) == ["bertjax", *torch_runs] and r["setup"]["peer_dtypes"] == ["float32", "bfloat16"]
+  assert r["setup"]["peer_micro_batches"] == [0, 5] and r["setup"]["grad_accum_steps"] >= 1
   for a, *peers in zip(*(r["blocks"][name] for name in ["bertjax", *torch_runs])):
-    for b in peers:
+    for name, b in zip(torch_runs, peers):
       assert a["ids"] == b["ids"] and a["examples"] == b["examples"] > 16 and a["tokens"] == b["tokens"]
       assert a["steps"] == 3 and b["steps"] == -(-a["examples"] // 16)
+  # Slices of 5 of the same sorted batches pad no more than the whole batches do.
+  for dtype in ("", "_bf16"):
+    for k, whole in enumerate(r["blocks"][f"torch_grouped{dtype}"]):
+      assert r["blocks"][f"torch_grouped{dtype}_micro5"][k]["slots"] <= whole["slots"]
+    epoch = r[f"torch_grouped{dtype}"]["trainer_epoch_padding_fraction"]
+    assert 0 <= r[f"torch_grouped{dtype}_micro5"]["trainer_epoch_padding_fraction"] <= epoch < 1
   assert len(r["blocks"]["bertjax"]) == 2 and r["blocks"]["bertjax"][0]["ids"] != r["blocks"]["bertjax"][1]["ids"]
   for side in ("bertjax", *torch_runs):
     s = r[side]
     assert s["train_examples_per_sec"] > 0 and s["train_tokens_per_sec"] > s["train_examples_per_sec"]
     assert 0 <= s["padding_fraction"] < 1 and 0 < s["mfu_own_dtype"] < 1
-    own = r["setup"]["matmul_dtype"] if side == "bertjax" else "bfloat16" if side.endswith("bf16") else "float32"
+    own = r["setup"]["matmul_dtype"] if side == "bertjax" else "bfloat16" if "_bf16" in side else "float32"
     assert s["mfu"] / s["mfu_own_dtype"] == pytest.approx(r["matmul_peak_flops_by_dtype"][own] / r["matmul_peak_flops"])
   assert r["bertjax"]["padding_fraction"] < r["torch_dynamic"]["padding_fraction"]
   for side in ("bertjax", "torch_dynamic", "torch_dynamic_bf16"):
@@ -113,9 +153,9 @@ def test_bench_smoke(tmp_path):
   assert set(each["train"]) == set(torch_runs) and set(each["eval"]) == {"torch", "torch_bf16"}
   for mode in ("dynamic", "grouped"):
     peer = ratios[f"train_vs_torch_{mode}_peer"]
-    assert peer in (f"torch_{mode}", f"torch_{mode}_bf16")
+    assert peer in [name for name in torch_runs if mode in name]
     assert ratios[f"train_vs_torch_{mode}"] == each["train"][peer] == min(
-        each["train"][f"torch_{mode}"], each["train"][f"torch_{mode}_bf16"])
+        each["train"][name] for name in torch_runs if mode in name)
     assert each["train"][peer] == pytest.approx(r["bertjax"]["train_examples_per_sec"]
                                                 / r[peer]["train_examples_per_sec"])
   assert ratios["eval_vs_torch"] == min(each["eval"].values())

@@ -43,6 +43,13 @@ from bertjax.errors import UserError, exit_on_user_error
 from bertjax.host_memory import keep_freed_memory
 from bertjax.models.config import cpu_has_bf16_dot, cpuinfo_value
 
+# Above this global batch the torch peer accumulates gradients over these micro-batches instead of taking the
+# batch whole, as a Trainer user at a large batch would; the headline ratios are against its fastest setting.
+# On SST-2 with MiniLM at batch 1024 (docs/performance.md) micro-batches of 64 and 128 ran 1.1-1.2x faster than
+# 32 or 256 and 5x faster than the whole batch.
+WHOLE_BATCH_UP_TO = 128
+TORCH_MICRO_BATCHES = (64, 128)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_enum("peer", "torch", ["torch"], "The trainer to compare with.")
 flags.DEFINE_string("json", None, "Where to write the results.")
@@ -57,6 +64,10 @@ flags.DEFINE_bool("peer_keep_freed_memory", False,
 flags.DEFINE_list("peer_dtypes", None,
                   "torch precisions to run: float32 and/or bfloat16 (torch.autocast, as the Trainer's bf16=True). "
                   "Default: float32, and also bfloat16 when bertjax's matmuls are bfloat16 (model.matmul_dtype).")
+flags.DEFINE_list("peer_micro_batches", None,
+                  "torch's micro-batch sizes, each a variant (the Trainer's per_device_train_batch_size with "
+                  "gradient_accumulation_steps); 0 is the whole batch in one step. Default: 0 up to batch "
+                  f"{WHOLE_BATCH_UP_TO}; above it {','.join(map(str, TORCH_MICRO_BATCHES))}.")
 flags.DEFINE_bool("input_only", False, "Time the host side alone (plan, batches, host-to-device copies; "
                   "bertjax.bench.host_input), with no model and no peer.")
 flags.DEFINE_integer("input_epochs", 3, "With --input_only: consecutive epochs timed end to end.")
@@ -120,6 +131,13 @@ def _summary(blocks: list[dict]) -> dict:
   return out
 
 
+def _peer_micro_batches(global_batch: int) -> list[int]:
+  """torch's micro-batch sizes (--peer_micro_batches or the default); 0 is the whole batch."""
+  if FLAGS.peer_micro_batches is not None:
+    return [int(m) for m in FLAGS.peer_micro_batches]
+  return list(TORCH_MICRO_BATCHES) if global_batch > WHOLE_BATCH_UP_TO else [0]
+
+
 def drive(config, workdir: Path) -> dict:
   if config.data.eval == "" and FLAGS.eval:
     FLAGS.eval = False
@@ -129,10 +147,14 @@ def drive(config, workdir: Path) -> dict:
   try:
     th = Worker("torch", workdir)
     peer_dtypes = jx.ready["peer_dtypes"]
-    # (name, grouped, dtype) of each torch variant; float32 keeps the names it always had
-    peers = [(f"torch_{mode}{'' if dtype == 'float32' else '_bf16'}", mode == "grouped", dtype)
-             for dtype in peer_dtypes for mode in ("dynamic", "grouped")]
-    runs = {"bertjax": [], **{name: [] for name, _, _ in peers}}
+    # (name, grouped, dtype, micro-batch) of each torch variant; float32 at the whole batch keeps the old names
+    micro = _peer_micro_batches(config.train.global_batch_size)
+    peers = [(f"torch_{mode}{'' if dtype == 'float32' else '_bf16'}{f'_micro{m}' if m else ''}", mode == "grouped",
+              dtype, m) for dtype in peer_dtypes for m in micro for mode in ("dynamic", "grouped")]
+    # What the Trainer's grouping pads over a whole epoch (megabatches of 50 batches) at each micro-batch, against
+    # the bench's grouping within a block of --steps batches (more padding when --steps < 50).
+    epoch_padding = th.call("epoch_padding", micro_batches=micro)
+    runs = {"bertjax": [], **{name: [] for name, *_ in peers}}
     evals = {"bertjax": [], **{_eval_name(dtype): [] for dtype in peer_dtypes}}
     for r in range(FLAGS.repeats):
       order = ["bertjax", *[p[0] for p in peers]]
@@ -140,8 +162,8 @@ def drive(config, workdir: Path) -> dict:
         if name == "bertjax":
           runs[name].append(jx.call("train", block=r))
         else:
-          _, grouped, dtype = next(p for p in peers if p[0] == name)
-          runs[name].append(th.call("train", block=r, grouped=grouped, dtype=dtype))
+          _, grouped, dtype, m = next(p for p in peers if p[0] == name)
+          runs[name].append(th.call("train", block=r, grouped=grouped, dtype=dtype, micro_batch=m or None))
         b = runs[name][-1]
         print(f"round {r + 1}/{FLAGS.repeats} {name}: {b['examples'] / b['seconds']:.1f} examples/s "
               f"({b['seconds']:.1f}s, load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
@@ -179,6 +201,7 @@ def drive(config, workdir: Path) -> dict:
                 "packing": config.data.packing, "rows_per_step": jx.ready["rows_per_step"],
                 "row_length": jx.ready["row_length"],
                 "dtype": jx.ready["dtype"], "matmul_dtype": jx.ready["matmul_dtype"], "peer_dtypes": peer_dtypes,
+                "peer_micro_batches": micro, "grad_accum_steps": jx.ready["grad_accum_steps"],
                 "steps_per_block": FLAGS.steps, "warmup_steps": FLAGS.warmup, "repeats": FLAGS.repeats,
                 "train_padding_fraction_epoch0": jx.ready["padding_fraction_epoch0"],
                 "mean_train_length": jx.ready["mean_train_length"]},
@@ -190,20 +213,23 @@ def drive(config, workdir: Path) -> dict:
       **{name: _summary(blocks) for name, blocks in runs.items()},
       "blocks": runs,
   }
+  for name, grouped, _, m in peers:
+    if grouped:
+      result[name]["trainer_epoch_padding_fraction"] = epoch_padding[str(m)]
   flops_per_example = statistics.median(b["flops"] / b["examples"] for b in runs["bertjax"])
-  own_dtype = {"bertjax": jx.ready["matmul_dtype"], **{name: dtype for name, _, dtype in peers}}
+  own_dtype = {"bertjax": jx.ready["matmul_dtype"], **{name: dtype for name, _, dtype, _ in peers}}
   for name in runs:  # same examples, same model FLOPs
     eps = result[name]["train_examples_per_sec"]
     result[name]["mfu"] = eps * flops_per_example / peak
     result[name]["mfu_own_dtype"] = eps * flops_per_example / peaks[own_dtype[name]]
   jax_eps = result["bertjax"]["train_examples_per_sec"]
-  fastest = lambda mode: max((n for n, _, _ in peers if mode in n), key=lambda n: result[n]["train_examples_per_sec"])
+  fastest = lambda mode: max((n for n, *_ in peers if mode in n), key=lambda n: result[n]["train_examples_per_sec"])
   # The headline ratios are against torch's faster precision (named in *_peer); ratios_by_peer has each.
   result["ratios"], result["ratios_by_peer"] = {}, {"train": {}, "eval": {}}
   for mode in ("dynamic", "grouped"):
     result["ratios"][f"train_vs_torch_{mode}"] = jax_eps / result[fastest(mode)]["train_examples_per_sec"]
     result["ratios"][f"train_vs_torch_{mode}_peer"] = fastest(mode)
-  for name, _, _ in peers:
+  for name, *_ in peers:
     result["ratios_by_peer"]["train"][name] = jax_eps / result[name]["train_examples_per_sec"]
   if FLAGS.eval:
     rates = {name: statistics.median(e["examples"] / e["seconds"] for e in es) for name, es in evals.items()}
@@ -255,6 +281,11 @@ def main(argv):
     raise UserError("--steps and --repeats must be >= 1 and --warmup >= 0")
   if FLAGS.peer_dtypes is not None and (not FLAGS.peer_dtypes or set(FLAGS.peer_dtypes) - {"float32", "bfloat16"}):
     raise UserError(f"--peer_dtypes takes float32 and/or bfloat16, got {','.join(FLAGS.peer_dtypes)!r}")
+  micro = FLAGS.peer_micro_batches or []
+  if (not all(m.isdigit() and int(m) < config.train.global_batch_size for m in micro)
+      or len({int(m) for m in micro}) < len(micro) or FLAGS.peer_micro_batches == []):
+    raise UserError(f"--peer_micro_batches takes distinct sizes below the global batch "
+                    f"({config.train.global_batch_size}; 0 for the whole batch), got {','.join(micro)!r}")
   if FLAGS.worker is not None:
     # Before jax or torch starts its threads.
     kept = keep_freed_memory() if FLAGS.worker == "jax" or FLAGS.peer_keep_freed_memory else False

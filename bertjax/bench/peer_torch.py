@@ -4,7 +4,8 @@ A plain transformers training loop, as a user would write it: AutoModelForSequen
 from the same folder, torch AdamW with the same hyper-parameters (no decay on biases and LayerNorm
 weights, linear warmup then linear decay, grad-norm clipping), per-batch dynamic padding (what
 DataCollatorWithPadding does) or `group_by_length` batches (transformers' LengthGroupedSampler:
-megabatches of 50 batches sorted by length, longest batch first). torch keeps its own thread
+megabatches of 50 batches sorted by length, longest batch first), optionally accumulating gradients over
+micro-batches as the Trainer's gradient_accumulation_steps does. torch keeps its own thread
 settings. With `bf16=True` its forward runs under torch.autocast(bfloat16) (the Trainer's `bf16=True`
 on CPU). This is the only bertjax module that imports torch.
 """
@@ -85,25 +86,34 @@ class TorchPeer:
       out["labels"] = torch.as_tensor(labels[batch], dtype=dtype)
     return out
 
-  def train(self, tokenized: Tokenized, labels: np.ndarray, batches: list[list[int]]) -> dict:
-    """One optimizer step per batch; the time includes collation, as in a DataLoader loop."""
+  def train(self, tokenized: Tokenized, labels: np.ndarray, batches: list[list[int]],
+            micro_batch: int | None = None) -> dict:
+    """One optimizer step per batch; the time includes collation, as in a DataLoader loop. With `micro_batch`,
+    gradients accumulate over consecutive slices of that many examples, each padded to its own longest (the
+    Trainer's per_device_train_batch_size with gradient_accumulation_steps); each slice's mean loss is weighted
+    by its share of the batch, so the step's gradient is the whole batch's."""
     slots = 0
     t = time.perf_counter()
     for batch in batches:
-      inputs = self.collate(tokenized, labels, batch)
-      slots += inputs["input_ids"].numel()
-      with self.autocast():
-        loss = self.model(**inputs).loss
-      loss.backward()
+      size = micro_batch or len(batch)
+      loss = 0.0
+      for start in range(0, len(batch), size):
+        part = batch[start:start + size]
+        inputs = self.collate(tokenized, labels, part)
+        slots += inputs["input_ids"].numel()
+        with self.autocast():
+          part_loss = self.model(**inputs).loss * (len(part) / len(batch))
+        part_loss.backward()
+        loss = loss + part_loss.detach()
       if self.clip_norm:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
       self.optimizer.step()
       self.scheduler.step()
       self.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t
-    if not torch.isfinite(loss.detach()):
-      raise RuntimeError(f"torch peer: non-finite loss {float(loss.detach())}")
-    return {"seconds": seconds, "steps": len(batches), "slots": slots, "last_loss": float(loss.detach())}
+    if not torch.isfinite(loss):
+      raise RuntimeError(f"torch peer: non-finite loss {float(loss)}")
+    return {"seconds": seconds, "steps": len(batches), "slots": slots, "last_loss": float(loss)}
 
   def evaluate(self, tokenized: Tokenized, batch_size: int) -> dict:
     """no_grad inference over the split in order, dynamic padding; logits kept like an evaluator would."""

@@ -134,6 +134,7 @@ def jax_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "matmul_peak_flops": peak,
           "dtype": tr.dtype, "matmul_dtype": tr.matmul_dtype, "peer_dtypes": peer_dtypes,
           "rows_per_step": batcher.rows_per_step, "row_length": batcher.row_length, "packing": batcher.packing,
+          "grad_accum_steps": tr.grad_accum_steps,
           "padding_fraction_epoch0": batcher.padding_fraction(0),
           "steps_per_epoch": batcher.steps_per_epoch(), "num_train_examples": len(batcher.lengths),
           "mean_train_length": float(batcher.lengths.mean()),
@@ -216,6 +217,7 @@ def profile_step(tr, state, batch, reps: int = 20) -> dict:
 
 
 def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
+  import numpy as np
   import torch
   from bertjax import optim
   from bertjax.data import pipeline
@@ -246,17 +248,27 @@ def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
     if eval_split is not None:
       peers[dtype].evaluate(eval_split.batcher.tokenized, eval_batch)
 
-  def train(block: int, grouped: bool, dtype: str) -> dict:
+  def train(block: int, grouped: bool, dtype: str, micro_batch: int | None = None) -> dict:
     ids = plan["blocks"][block]
     batches = (length_grouped(ids, lengths, tc.global_batch_size) if grouped
                else in_order(ids, tc.global_batch_size))
-    out = peers[dtype].train(train_tok, train_labels, batches)
+    out = peers[dtype].train(train_tok, train_labels, batches, micro_batch)
     return {**out, "examples": len(ids), "tokens": int(lengths[ids].sum()),
             "ids": _ids_digest(i for b in batches for i in b)}
 
   def evaluate(dtype: str) -> dict:
     return peers[dtype].evaluate(eval_split.batcher.tokenized, eval_batch)
 
+  def epoch_padding(micro_batches: list[int]) -> dict:
+    """Per micro-batch size (0: the whole batch), the padding of the Trainer's length grouping over one epoch."""
+    order = [int(i) for i in np.random.default_rng(tc.seed).permutation(len(lengths))]
+    batches = length_grouped(order, lengths, tc.global_batch_size)
+    out = {}
+    for m in micro_batches:
+      parts = [b[i:i + (m or len(b))] for b in batches for i in range(0, len(b), m or len(b))]
+      out[str(m)] = 1.0 - float(lengths.sum()) / sum(len(p) * int(lengths[p].max()) for p in parts)
+    return out
+
   _reply({"ready": True, "keeps_freed_memory": keeps_freed_memory, "torch": torch.__version__,
           "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()})
-  _serve({"train": train, "eval": evaluate})
+  _serve({"train": train, "eval": evaluate, "epoch_padding": epoch_padding})
