@@ -129,7 +129,7 @@ def test_bench_smoke(tmp_path):
   assert list(r["blocks"]) == ["bertjax", *torch_runs] and r["setup"]["peer_dtypes"] == ["float32", "bfloat16"]
   assert r["setup"]["peer_micro_batches"] == [5, 0] and r["setup"]["grad_accum_steps"] >= 1
   for a, *peers in zip(*(r["blocks"][name] for name in ["bertjax", *torch_runs])):
-    for name, b in zip(torch_runs, peers):
+    for b in peers:
       assert a["ids"] == b["ids"] and a["examples"] == b["examples"] > 16 and a["tokens"] == b["tokens"]
       assert a["steps"] == 3 and b["steps"] == -(-a["examples"] // 16)
   # Slices of 5 of the same sorted batches pad no more than the whole batches do.

@@ -39,6 +39,11 @@ def in_order(ids: list[int], batch_size: int) -> list[list[int]]:
   return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
 
 
+def micro_slices(batch: list[int], micro_batch: int | None) -> list[list[int]]:
+  """A batch's consecutive micro-batches (the whole batch when `micro_batch` is None or 0)."""
+  return in_order(batch, micro_batch or len(batch))
+
+
 class TorchPeer:
   """Model, optimizer and schedule; `train` and `evaluate` run timed blocks on given examples."""
 
@@ -95,10 +100,8 @@ class TorchPeer:
     slots = 0
     t = time.perf_counter()
     for batch in batches:
-      size = micro_batch or len(batch)
       loss = 0.0
-      for start in range(0, len(batch), size):
-        part = batch[start:start + size]
+      for part in micro_slices(batch, micro_batch):
         inputs = self.collate(tokenized, labels, part)
         slots += inputs["input_ids"].numel()
         with self.autocast():

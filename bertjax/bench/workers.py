@@ -224,7 +224,7 @@ def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
   from bertjax.data.tokenizer import load_tokenizer
   from bertjax.models import hf_weights
   from bertjax.models.config import from_hf_config
-  from bertjax.bench.peer_torch import TorchPeer, in_order, length_grouped
+  from bertjax.bench.peer_torch import TorchPeer, in_order, length_grouped, micro_slices
 
   folder = hf_weights.resolve_folder(config.model.name_or_path)
   base_cfg = from_hf_config(hf_weights.read_hf_config(folder), str(folder / "config.json"))
@@ -265,7 +265,7 @@ def torch_worker(config, workdir: Path, keeps_freed_memory: bool) -> None:
     batches = length_grouped(order, lengths, tc.global_batch_size)
     out = {}
     for m in micro_batches:
-      parts = [b[i:i + (m or len(b))] for b in batches for i in range(0, len(b), m or len(b))]
+      parts = [part for b in batches for part in micro_slices(b, m)]
       out[str(m)] = 1.0 - float(lengths.sum()) / sum(len(p) * int(lengths[p].max()) for p in parts)
     return out
 
