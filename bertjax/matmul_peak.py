@@ -122,15 +122,21 @@ def cache_file() -> Path:
   return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "bertjax" / "peak.json"
 
 
-def _cache_key(dtype: str) -> str:
-  """What a measured peak depends on: backend, device kind, CPU model, its matrix instructions and cores, operand
-  dtype, jax version. The instructions tell apart CPUs of one model name (cloud VMs report "Intel(R) Xeon(R)
-  Processor" with AMX or without)."""
+def cpu_description() -> str:
+  """The CPU model, its matrix instructions and the cores this process may use, e.g. "AMD EPYC |
+  avx512_bf16,avx512f,avx2 | 2 cores". The instructions tell apart CPUs of one model name (cloud VMs report
+  "Intel(R) Xeon(R) Processor" with AMX or without, "AMD EPYC" for Zen 3 and Zen 4)."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   flags = set((cpuinfo_value("flags") or "").split())
   units = ",".join(f for f in MATRIX_FLAGS if f in flags) or "no bf16/amx"
-  return " | ".join([jax.default_backend(), jax.devices()[0].device_kind, cpuinfo_value("model name") or "?",
-                     units, f"{cores} cores", dtype, f"jax {jax.__version__}"])
+  return " | ".join([cpuinfo_value("model name") or "?", units, f"{cores} cores"])
+
+
+def _cache_key(dtype: str) -> str:
+  """What a measured peak depends on: backend, device kind, the CPU (`cpu_description`), operand dtype, jax
+  version."""
+  return " | ".join([jax.default_backend(), jax.devices()[0].device_kind, cpu_description(), dtype,
+                     f"jax {jax.__version__}"])
 
 
 def _read(path: Path) -> dict:

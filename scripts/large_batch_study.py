@@ -2,14 +2,18 @@
 docs/bench/large_batch.json.
 
   python scripts/large_batch_study.py [--cells NAME,...] [--seeds 3] [--root runs/large_batch_study] [--dry]
+      [--config.KEY=VALUE ...]
 
 Each cell is one task, batch size, epoch count and batch-size scaling (auto = optim.batch_rule, sqrt, linear;
 batch 32 is the recipe itself), trained for --seeds seeds (train.seed 0, 1, ...: head init, dropout and data
 order) with all-MiniLM-L6-v2 and the recipe in configs/minilm_sst2.py (AdamW, lr 5e-5 at batch 32, 10% warmup,
 linear decay), packed rows, evaluated after the last step. Every run is an ordinary `python -m bertjax.train`
-in ROOT/CELL/seedK; a finished run is not run again, so the script resumes where it stopped and --cells runs a
-part of it. The table gives per cell the mean and standard deviation over the seeds that finished, the steps
-and the mean wall time of a run (this machine, whatever else ran on it).
+in ROOT/CELL/seedK, with any `--config.KEY=VALUE` arguments given to the script added. Each finished run is
+recorded in docs/bench/large_batch.json ("runs": cell, seed, dev metric, steps, wall time, the CPU, the products'
+dtype, the options), which outlives ROOT and the machine: a recorded or finished run is not run again, so the
+script resumes where it stopped, in a later session too, and --cells runs a part of it. The table gives per cell
+the mean and standard deviation over the recorded seeds, the steps, the mean wall time of a run (its machine,
+whatever else ran on it) and which CPU and products its runs had.
 
 Tasks: SST-2 (67,349 train / 872 dev), SNLI pairs (the 9,842 pairs of ../shared/data/snli/validation.tsv, 8,842
 for training and 1,000 for dev, split with a fixed seed) and STS-B regression (5,749 / 1,500; metric Pearson).
@@ -29,6 +33,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+LEDGER = REPO / "docs" / "bench" / "large_batch.json"
+sys.path.insert(0, str(REPO))
+from bertjax.matmul_peak import cpu_description  # pylint: disable=wrong-import-position
 
 TASKS = {
     "sst2": {"train": "sst2/train.tsv", "eval": "sst2/dev.tsv", "metric": "accuracy", "options": []},
@@ -66,8 +73,8 @@ def snli_split(root: Path) -> None:
     (root / name).write_text("\n".join([header] + [rows[i] for i in sorted(part)]) + "\n", encoding="utf-8")
 
 
-def run(root: Path, c: dict, seed: int, python: str) -> dict | None:
-  """One seed of a cell (trained unless finished before); its summary, or None if it failed."""
+def run(root: Path, c: dict, seed: int, python: str, options: list[str]) -> bool:
+  """Trains one seed of a cell unless it finished before; whether it finished."""
   task = TASKS[c["task"]]
   data = lambda key: str((root if task[key].startswith("snli") else SHARED) / task[key])  # SNLI: split in ROOT
   workdir = root / c["name"] / f"seed{seed}"
@@ -77,41 +84,66 @@ def run(root: Path, c: dict, seed: int, python: str) -> dict | None:
            f"--config.data.train={data('train')}", f"--config.data.eval={data('eval')}",
            f"--config.train.global_batch_size={c['batch']}", f"--config.train.num_epochs={c['epochs']}",
            f"--config.optimizer.lr_scaling={c['scaling']}", f"--config.train.seed={seed}",
-           "--config.train.eval_every_steps=0", "--config.train.log_every_steps=50", *task["options"]]
+           "--config.train.eval_every_steps=0", "--config.train.log_every_steps=50", *task["options"], *options]
     log = workdir.parent / f"seed{seed}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir.parent / f"seed{seed}.options.json").write_text(json.dumps(options))
     t = time.time()
     with open(log, "w") as f:
       code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     print(f"{c['name']} seed {seed}: exit {code} after {time.time() - t:.0f} s (log {log})", flush=True)
     if code != 0:
-      return None
-  return json.loads(summary.read_text())
+      return False
+  return True
 
 
-def table(root: Path, cells: list[dict], seeds: int) -> tuple[list[dict], str]:
+def record(root: Path, c: dict, seed: int) -> dict | None:
+  """The ledger entry of ROOT/CELL/seedK if it finished (on this machine), else None."""
+  workdir = root / c["name"] / f"seed{seed}"
+  options = workdir.parent / f"seed{seed}.options.json"
+  path = workdir / "summary.json"
+  summary = json.loads(path.read_text()) if path.exists() else {}
+  if not summary.get("finished") or not summary.get("final"):
+    return None
+  metric = TASKS[c["task"]]["metric"]
+  # summary.json's "final" (run_summary.eval_scalars); runs written before 2026-12-07 named it eval_<metric>
+  value = summary["final"].get(metric, summary["final"].get(f"eval_{metric}"))
+  return {"cell": c["name"], "seed": seed, "metric": metric, "value": value, "steps": summary["steps"],
+          "mean_examples_per_step": summary.get("mean_examples_per_step"), "wall_seconds": summary["wall_seconds"],
+          "matmul_dtype": summary.get("matmul_dtype"), "machine": cpu_description(),
+          "options": json.loads(options.read_text()) if options.exists() else [],
+          "derived": _derived(workdir), "recorded_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+def read_ledger() -> list[dict]:
+  return json.loads(LEDGER.read_text())["runs"] if LEDGER.exists() else []
+
+
+def table(runs: list[dict], cells: list[dict], seeds: int) -> tuple[list[dict], str]:
+  """Per cell: mean, sd, steps, wall time of its recorded seeds below `seeds`, and the CPUs and products they ran
+  with (letters explained under the table)."""
+  machines = list(dict.fromkeys(r["machine"] for r in runs))
   rows = []
   for c in cells:
-    metric = TASKS[c["task"]]["metric"]
-    done = [json.loads(p.read_text()) for k in range(seeds)
-            if (p := root / c["name"] / f"seed{k}" / "summary.json").exists()]
-    done = [s for s in done if s.get("finished")]
-    # summary.json's "final" (run_summary.eval_scalars); runs written before 2026-12-07 named it eval_<metric>
-    values = [s["final"].get(metric, s["final"].get(f"eval_{metric}")) for s in done if s.get("final")]
-    rows.append({**c, "metric": metric, "values": values, "seeds": len(values),
+    done = sorted((r for r in runs if r["cell"] == c["name"] and r["seed"] < seeds), key=lambda r: r["seed"])
+    values = [r["value"] for r in done]
+    ran_on = sorted({f"{chr(65 + machines.index(r['machine']))} {r['matmul_dtype']}" for r in done})
+    rows.append({**c, "metric": TASKS[c["task"]]["metric"], "values": values, "seeds": len(values),
                  "mean": statistics.mean(values) if values else None,
                  "sd": statistics.stdev(values) if len(values) > 1 else None,
                  "steps": done[0]["steps"] if done else None,
-                 "mean_examples_per_step": done[0].get("mean_examples_per_step") if done else None,
-                 "wall_seconds": statistics.mean(s["wall_seconds"] for s in done) if done else None,
-                 "derived": _derived(root / c["name"] / "seed0")})
+                 "mean_examples_per_step": done[0]["mean_examples_per_step"] if done else None,
+                 "wall_seconds": statistics.mean(r["wall_seconds"] for r in done) if done else None,
+                 "derived": done[0]["derived"] if done else "", "ran_on": ", ".join(ran_on)})
   fmt = lambda v, spec: "-" if v is None else format(v, spec)
   lines = ["| task | batch | epochs | scaling | seeds | dev metric, mean | sd | steps | examples/step | "
-           "what the scaling set | wall s/run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "what the scaling set | wall s/run | CPU, products |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['task']} | {r['batch']} | {r['epochs']} | {'recipe' if r['batch'] == 32 else r['scaling']} | "
                  f"{r['seeds']} | {fmt(r['mean'], '.4f')} | {fmt(r['sd'], '.4f')} | {fmt(r['steps'], 'd')} | "
-                 f"{fmt(r['mean_examples_per_step'], '.1f')} | {r['derived'] or '-'} | {fmt(r['wall_seconds'], '.0f')} |")
+                 f"{fmt(r['mean_examples_per_step'], '.1f')} | {r['derived'] or '-'} | "
+                 f"{fmt(r['wall_seconds'], '.0f')} | {r['ran_on'] or '-'} |")
+  lines += [""] + [f"CPU {chr(65 + i)}: {m}." for i, m in enumerate(machines)]
   return rows, "\n".join(lines)
 
 
@@ -130,8 +162,13 @@ def main() -> int:
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--root", default="runs/large_batch_study")
   parser.add_argument("--python", default=sys.executable)
-  parser.add_argument("--dry", action="store_true", help="print the cells and write the table of what exists")
-  args = parser.parse_args()
+  parser.add_argument("--dry", action="store_true", help="print the cells and write the table of what is recorded")
+  args, options = parser.parse_known_args()
+  bad = [o for o in options if not o.startswith("--config.")]
+  if bad:
+    print(f"unknown arguments: {' '.join(bad)}; only --config.KEY=VALUE options are passed to the runs",
+          file=sys.stderr)
+    return 2
   root = Path(args.root).resolve()
   root.mkdir(parents=True, exist_ok=True)
   names = [n for n in args.cells.split(",") if n]
@@ -142,12 +179,15 @@ def main() -> int:
     return 2
   cells = [c for c in CELLS if not names or c["name"] in names]
   snli_split(root)
-  if not args.dry:
-    for c in cells:
-      for seed in range(args.seeds):
-        run(root, c, seed, args.python)
-  rows, text = table(root, CELLS, args.seeds)
-  (REPO / "docs" / "bench" / "large_batch.json").write_text(json.dumps(rows, indent=2) + "\n")
+  runs = read_ledger()
+  for c in cells:
+    for seed in range(args.seeds):
+      if any(r["cell"] == c["name"] and r["seed"] == seed for r in runs):
+        continue  # recorded, here or in an earlier session
+      if (args.dry or run(root, c, seed, args.python, options)) and (entry := record(root, c, seed)):
+        runs.append(entry)
+  rows, text = table(runs, CELLS, args.seeds)
+  LEDGER.write_text(json.dumps({"runs": runs, "cells": rows}, indent=2) + "\n")
   doc = REPO / "docs" / "large_batch.md"
   begin, end = "<!-- study table: written by scripts/large_batch_study.py -->", "<!-- end of study table -->"
   if doc.exists() and begin in doc.read_text() and end in doc.read_text():
