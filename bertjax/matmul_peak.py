@@ -5,9 +5,9 @@ A single timed product is mostly dispatch on a GPU (a 2048^3 one takes about 17 
 which would put MFU 2-3x too high; so the measurement chains products in one jitted loop, each the
 previous result times a fixed matrix (XLA can neither hoist nor skip one), and times the loop for at least
 `min_seconds`, best of a few. The figure is kept in ~/.cache/bertjax/peak.json (XDG_CACHE_HOME, or the file
-BERTJAX_PEAK_CACHE names) per backend, device kind, CPU model and cores, operand dtype and jax version, so runs
-after the first do not measure; a corrupt cache is rebuilt. Delete the file to measure again (other work on the
-machine during the measurement lowers the figure: its load average is recorded with it).
+BERTJAX_PEAK_CACHE names) per backend, device kind, CPU (model, matrix instructions, cores), operand dtype and
+jax version, so runs after the first do not measure; a corrupt cache is rebuilt. Delete the file to measure again
+(other work on the machine during the measurement lowers the figure: its load average is recorded with it).
 """
 
 import contextlib

@@ -84,7 +84,55 @@ def test_a_dry_run_records_what_finished_and_trains_nothing(study, monkeypatch, 
       (cell, 0, "pearson", 0.78, "bfloat16")]
 
 
-def test_arguments_other_than_config_options_are_refused(study, monkeypatch, tmp_path, capsys):
-  assert main(study, monkeypatch, "--root", str(tmp_path), "--epochs", "3") == 2
-  assert "unknown arguments: --epochs 3" in capsys.readouterr().err
-  assert not study.LEDGER.exists()
+def test_a_run_is_recorded_when_it_ends_and_a_smaller_seeds_keeps_the_table(study, monkeypatch, tmp_path):
+  cell = "sst2_b256_e1_auto"
+  assert main(study, monkeypatch, "--root", str(tmp_path / "a"), "--cells", cell, "--seeds", "3") == 0
+  finish = study.run
+
+  def killed_after_one(root, c, seed, python, options):  # the session ends during the second run
+    if study.trained[-1:] == [("sst2_b32_e1", 0)]:
+      raise KeyboardInterrupt
+    return finish(root, c, seed, python, options)
+
+  monkeypatch.setattr(study, "run", killed_after_one)
+  with pytest.raises(KeyboardInterrupt):
+    main(study, monkeypatch, "--root", str(tmp_path / "b"), "--cells", "sst2_b32_e1", "--seeds", "2")
+  ledger = json.loads(study.LEDGER.read_text())
+  assert [(r["cell"], r["seed"]) for r in ledger["runs"]][-1] == ("sst2_b32_e1", 0)
+  row = next(r for r in ledger["cells"] if r["name"] == cell)  # --seeds 2 did not cut cell's third seed
+  assert row["seeds"] == 3 and row["sd"] == pytest.approx(0.0503322, abs=1e-6)
+
+
+def test_the_real_run_passes_the_options_and_keeps_them(study, monkeypatch, tmp_path):
+  spec = importlib.util.spec_from_file_location("large_batch_study_real", SCRIPT)
+  real = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(real)
+  commands = []
+  monkeypatch.setattr(real.subprocess, "call", lambda cmd, **kw: commands.append(cmd) or 0)
+  c = next(c for c in real.CELLS if c["name"] == "sst2_b1024_e1_auto")
+  assert real.run(tmp_path, c, 1, "python", ["--config.model.matmul_dtype=float32"])
+  assert commands[0][:3] == ["python", "-m", "bertjax.train"]
+  assert "--config.train.seed=1" in commands[0] and "--config.train.global_batch_size=1024" in commands[0]
+  assert commands[0][-1] == "--config.model.matmul_dtype=float32"
+  assert json.loads((tmp_path / c["name"] / "seed1.options.json").read_text()) == ["--config.model.matmul_dtype=float32"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "3"], "unknown arguments: --epochs 3"),
+    (["--config.train.seed=5"], "--config.train.seed is set by the study"),
+    (["--config.model.matmul_dtyp=float32"], "unknown config key 'model.matmul_dtyp'"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--cells", "sst2_b8_e1"], "unknown cells: sst2_b8_e1"),
+])
+def test_bad_arguments_get_one_line_and_exit_2(study, monkeypatch, tmp_path, capsys, args, message):
+  assert main(study, monkeypatch, "--root", str(tmp_path / "root"), *args) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count("\n") == 1
+  assert not study.LEDGER.exists() and not (tmp_path / "root").exists()
+
+
+def test_a_corrupt_ledger_gets_one_line_and_exit_2(study, monkeypatch, tmp_path, capsys):
+  study.LEDGER.write_text('{"runs": [{"cell": "sst2_b32_e1"')
+  assert main(study, monkeypatch, "--root", str(tmp_path / "root"), "--dry") == 2
+  assert "cannot read the study's ledger" in capsys.readouterr().err
+  assert study.LEDGER.read_text() == '{"runs": [{"cell": "sst2_b32_e1"'
